@@ -1,0 +1,1 @@
+"""pipert: a real-time pipeline daemon for video and sensor analytics."""

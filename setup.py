@@ -1,0 +1,25 @@
+"""Packaging for pipert.
+
+The distribution is called ``pipert-daemon`` so that it can be installed next to
+PipeRT 2 (distributed as ``PipeRT``, imported as ``pipert2``) for benchmarks.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="pipert-daemon",
+    version="0.1.0",
+    description="Real-time pipeline daemon for video and sensor analytics",
+    packages=find_packages(include=["pipert", "pipert.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "numpy",
+        "posix-ipc",
+        "zerorpc",
+        "gevent",
+        "opencv-python-headless",
+        "python-dotenv",
+        "python-socketio[client]",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["pipert=pipert.cli:main"]},
+)
