@@ -1,0 +1,356 @@
+"""Helpers shared by the scenario scripts of both implementations.
+
+Both ``pipert_scenarios.py`` (our engine) and ``pipert2_scenarios.py`` (PipeRT
+2.4.0, in its own venv) import this module, so it needs only the standard
+library and numpy. It holds the source's timeline, the frame stamping and
+checks, and the destination's recorder, so both sides measure the same way.
+
+Timing: every stamp is ``time.perf_counter()`` (CLOCK_MONOTONIC on Linux),
+taken by the source and compared at the destination in another process.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+FRAME_SHAPE = (1080, 1920, 3)
+FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1] * FRAME_SHAPE[2]
+# Byte offsets where the source writes the counter (uint64): first pixels,
+# middle, last pixels. A torn or stale frame shows a mismatch at one of them.
+STAMP_OFFSETS = (0, (FRAME_BYTES // 2) & ~7, FRAME_BYTES - 8)
+SAMPLE_STRIDE = 997          # prime stride: the checksum sample, ~6,200 bytes
+# Frames the source cycles through. The source stamps a frame again only
+# FRAME_RING messages after it returned it; both transports have copied it
+# into shared memory long before (on send), so no message is mutated in flight.
+FRAME_RING = 8
+END_TAG = "end"
+
+# Durations (seconds) of the full run and of the --quick smoke run.
+FULL = {"warmup": 2.0, "run": 5.0, "runs": 3}
+QUICK = {"warmup": 0.5, "run": 1.0, "runs": 3}
+# Paced rates (messages/s) for the latency runs.
+LATENCY_RATE = {"small": 1000.0, "frame": 30.0}
+
+
+def add_common_args(parser):
+    """Add the options both scenario scripts take."""
+    parser.add_argument("--scenario", required=True, choices=("small", "frame", "fanout"))
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds")
+    parser.add_argument("--run", type=float, help="seconds per measured run")
+    parser.add_argument("--runs", type=int, help="number of measured runs")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for results beyond the planned duration")
+
+
+def durations(args):
+    """Return (warmup, run, runs) from the parsed arguments."""
+    base = QUICK if args.quick else FULL
+    warmup = args.warmup if args.warmup is not None else base["warmup"]
+    run = args.run if args.run is not None else base["run"]
+    runs = args.runs if args.runs is not None else base["runs"]
+    return warmup, run, runs
+
+
+def build_phases(scenario, warmup, run, runs):
+    """The source's timeline: list of (tag, seconds, period); period 0 = full speed.
+
+    Throughput runs ``tp0..`` go at full speed. Latency runs ``lat0..`` are paced
+    (an idle pipeline, one message at a time) so that latency is transit time,
+    not time spent waiting in a full queue. Fan-out measures throughput only.
+    """
+    phases = [("warmup", warmup, 0.0)]
+    phases += [("tp%d" % i, run, 0.0) for i in range(runs)]
+    if scenario in LATENCY_RATE:
+        period = 1.0 / LATENCY_RATE[scenario]
+        phases.append(("lwarm", min(0.5, warmup), period))
+        phases += [("lat%d" % i, run, period) for i in range(runs)]
+    return phases
+
+
+def planned_seconds(phases):
+    """Total planned duration of a timeline."""
+    return sum(seconds for _, seconds, _ in phases)
+
+
+class Schedule:
+    """Source-side clock: which phase the next message belongs to, with pacing.
+
+    After the last phase it returns END_TAG at 20 messages/s until killed, so a
+    lossy transport still delivers an end marker.
+    """
+
+    def __init__(self, phases, end_period=0.05):
+        self.phases = phases
+        self.end_period = end_period
+        self.t0 = None
+        self.next_tick = None
+        self.sent = {}
+
+    def next_tag(self):
+        """Sleep if the current phase is paced, then return its tag."""
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        elapsed = now - self.t0
+        tag, period = END_TAG, self.end_period
+        for name, seconds, phase_period in self.phases:
+            if elapsed < seconds:
+                tag, period = name, phase_period
+                break
+            elapsed -= seconds
+        if period:
+            if self.next_tick is None or self.next_tick < now - period:
+                self.next_tick = now
+            delay = self.next_tick - now
+            if delay > 0:
+                time.sleep(delay)
+            self.next_tick += period
+        else:
+            self.next_tick = None
+        self.sent[tag] = self.sent.get(tag, 0) + 1
+        return tag
+
+
+def make_frames(count=FRAME_RING, seed=1234):
+    """Random 1080p frames for the source to cycle through."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=FRAME_SHAPE, dtype=np.uint8) for _ in range(count)]
+
+
+def frame_checksum(frame):
+    """Cheap checksum: sum of a strided sample of the frame's bytes."""
+    return int(frame.reshape(-1)[::SAMPLE_STRIDE].sum(dtype=np.uint64))
+
+
+def stamp_frame(frame, counter):
+    """Write the counter into the frame at STAMP_OFFSETS; return the checksum."""
+    flat = frame.reshape(-1)
+    for offset in STAMP_OFFSETS:
+        flat[offset:offset + 8].view(np.uint64)[0] = counter
+    return frame_checksum(frame)
+
+
+def verify_frame(frame, counter, checksum):
+    """Return None if the frame is intact for this counter, else what is wrong."""
+    if not isinstance(frame, np.ndarray):
+        return "frame is %s, not a numpy array" % type(frame).__name__
+    if frame.shape != FRAME_SHAPE or frame.dtype != np.uint8:
+        return "frame has shape %s dtype %s" % (frame.shape, frame.dtype)
+    flat = frame.reshape(-1)
+    for offset in STAMP_OFFSETS:
+        stamped = int(flat[offset:offset + 8].view(np.uint64)[0])
+        if stamped != counter:
+            return "counter %d but frame stamped %d at byte %d" % (counter, stamped, offset)
+    actual = frame_checksum(frame)
+    if actual != checksum:
+        return "counter %d: checksum %d, expected %d" % (counter, actual, checksum)
+    return None
+
+
+class Recorder:
+    """Destination-side statistics per phase tag, and the integrity checks.
+
+    ``add`` is called once per received message. When the first END_TAG
+    message arrives the summary is written to ``<out_dir>/<name>.json``.
+    """
+
+    def __init__(self, name, out_dir):
+        self.name = name
+        self.out_dir = out_dir
+        self.tags = {}
+        self.last_counter = -1
+        self.received = 0
+        self.lost = 0
+        self.errors = 0
+        self.first_errors = []
+        self.written = False
+
+    def error(self, text):
+        """Count an integrity error; keep the first few for the report."""
+        self.errors += 1
+        if len(self.first_errors) < 5:
+            self.first_errors.append(text)
+
+    def add(self, now, tag, counter, ts, problem=None):
+        """Record one message received at ``now`` (perf_counter)."""
+        self.received += 1
+        if problem is not None:
+            self.error(problem)
+        if counter <= self.last_counter:
+            self.error("counter %d after %d" % (counter, self.last_counter))
+        else:
+            self.lost += counter - self.last_counter - 1
+            self.last_counter = counter
+        if tag == END_TAG:
+            if not self.written:
+                self.write(complete=True)
+            return
+        stats = self.tags.get(tag)
+        if stats is None:
+            stats = self.tags[tag] = {"count": 0, "first": now, "last": now, "lat": []}
+        stats["count"] += 1
+        stats["last"] = now
+        stats["lat"].append(now - ts)
+
+    def summary(self, complete):
+        """JSON-able summary: rate and latency per tag, loss and errors."""
+        tags = {}
+        for tag, stats in self.tags.items():
+            lat = np.asarray(stats["lat"], dtype=np.float64)
+            span = stats["last"] - stats["first"]
+            tags[tag] = {
+                "count": stats["count"],
+                "span_s": span,
+                "rate": (stats["count"] - 1) / span if span > 0 else 0.0,
+                "lat_p50_us": float(np.percentile(lat, 50) * 1e6) if len(lat) else None,
+                "lat_p99_us": float(np.percentile(lat, 99) * 1e6) if len(lat) else None,
+                "lat_min_us": float(lat.min() * 1e6) if len(lat) else None,
+                "lat_negative": int((lat < 0).sum()),
+            }
+            if tags[tag]["lat_negative"]:
+                self.error("%d negative latencies in %s" % (tags[tag]["lat_negative"], tag))
+        return {
+            "name": self.name,
+            "complete": complete,
+            "received": self.received,
+            "last_counter": self.last_counter,
+            "lost": self.lost,
+            "errors": self.errors,
+            "first_errors": self.first_errors,
+            "tags": tags,
+        }
+
+    def write(self, complete):
+        """Write the summary atomically; ``complete`` is False from cleanup()."""
+        self.written = True
+        write_json(os.path.join(self.out_dir, self.name + ".json"), self.summary(complete))
+
+
+def write_json(path, obj):
+    """Write JSON atomically (tmp file + rename), so a reader never sees half."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(obj, handle)
+    os.replace(tmp, path)
+
+
+def wait_for_files(paths, deadline, poll=0.1):
+    """Wait until every path exists or the deadline (perf_counter) passes."""
+    while time.perf_counter() < deadline:
+        if all(os.path.exists(path) for path in paths):
+            return True
+        time.sleep(poll)
+    return all(os.path.exists(path) for path in paths)
+
+
+def collect(out_dir, source_name, destination_names):
+    """Read the result files of one scenario run; missing ones become None."""
+    def load(name):
+        path = os.path.join(out_dir, name + ".json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as handle:
+            return json.load(handle)
+
+    return {
+        "source": load(source_name),
+        "destinations": {name: load(name) for name in destination_names},
+    }
+
+
+def emit(result):
+    """Print one machine-readable result line for run.py to parse."""
+    sys.stdout.write("BENCH_RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def measure_copyto(repeat=200):
+    """Median seconds of numpy.copyto of one 1080p frame into a warm buffer."""
+    src = make_frames(1)[0]
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def child_pids():
+    """PIDs of this process's direct children, read from /proc."""
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[1]) == me:
+            pids.append(int(entry))
+    return pids
+
+
+def kill_children():
+    """SIGKILL the direct children of this process (the flows it started)."""
+    import signal
+    killed = []
+    for pid in child_pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
+    return killed
+
+
+def drive(pipe, out_dir, names, planned, timeout, shutdown_timeout=30.0):
+    """Build and start ``pipe``, wait for the result files of ``names``, kill it.
+
+    Works for both implementations: they share build(), notify_event("start")
+    and join(to_kill=True). Returns a dict with the timings of start-up and
+    shutdown, ``results_ok`` and how the shutdown went ("clean", or "forced"
+    when join() did not return and the flow processes had to be killed).
+    """
+    import threading
+
+    info = {}
+    t0 = time.perf_counter()
+    pipe.build()
+    info["build_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pipe.notify_event("start")
+    paths = [os.path.join(out_dir, name + ".json") for name in names]
+    info["results_ok"] = wait_for_files(paths, t1 + planned + timeout)
+    info["wall_s"] = time.perf_counter() - t1
+
+    done = threading.Event()
+    forced = []
+
+    def watchdog():
+        if not done.wait(shutdown_timeout):
+            forced.extend(kill_children())
+
+    guard = threading.Thread(target=watchdog, daemon=True)
+    guard.start()
+    t2 = time.perf_counter()
+    joiner = threading.Thread(target=pipe.join, kwargs={"to_kill": True}, daemon=True)
+    joiner.start()
+    joiner.join(shutdown_timeout + 10.0)
+    done.set()
+    info["join_s"] = time.perf_counter() - t2
+    if joiner.is_alive():
+        info["shutdown"] = "hung"
+    elif forced:
+        info["shutdown"] = "forced"
+    else:
+        info["shutdown"] = "clean"
+    info["killed_pids"] = forced
+    return info

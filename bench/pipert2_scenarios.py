@@ -1,0 +1,150 @@
+"""Benchmark scenarios for PipeRT 2.4.0 (``pipert2``), run in bench/.venv-pipert2.
+
+One scenario per invocation (``--scenario small|frame|fanout``); the result is
+printed as one ``BENCH_RESULT {json}`` line. run.py starts this script with
+the PipeRT 2 venv's interpreter.
+
+How PipeRT 2 is used here (see the report in run.py's docstring for quirks):
+- routines subclass ``FPSRoutine``; a source's ``main_logic(self, data)`` gets
+  ``None`` and is called in a tight loop (no delay unless an FPS is set);
+- each flow is a forked process; routines are threads in it;
+- ``QueueNetwork`` defaults: queues of 1, non-blocking put that drops;
+- frames go through ``SharedMemoryTransmitter``, which only handles values
+  inside ``dict`` fields of a ``Data`` dataclass, so the frame and its
+  metadata travel in ``Data.additional_data``. Integers in that dict would be
+  turned into ``bytes(n)`` (n zero bytes) by the transmitter, so the counter and
+  checksum travel as floats (exact below 2**53).
+"""
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from pipert2 import (  # noqa: E402
+    BasicTransmitter, Data, FPSRoutine, Pipe, QueueNetwork, SharedMemoryTransmitter, Wire,
+)
+import pipert2  # noqa: E402
+
+
+class Source(FPSRoutine):
+    """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
+
+    def __init__(self, name, scenario, phases, out_dir):
+        super().__init__(name)
+        self.scenario = scenario
+        self.phases = phases
+        self.out_dir = out_dir
+        self.frames = None
+        self.schedule = None
+        self.counter = 0
+        self.reported = False
+
+    def setup(self):
+        self.schedule = common.Schedule(self.phases)
+        self.counter = 0
+        self.reported = False
+        if self.scenario != "small":
+            self.frames = common.make_frames()
+
+    def main_logic(self, data=None):
+        tag = self.schedule.next_tag()
+        if tag == common.END_TAG and not self.reported:
+            self.reported = True
+            common.write_json(os.path.join(self.out_dir, self.name + ".json"),
+                              {"name": self.name, "sent": dict(self.schedule.sent)})
+        counter = self.counter
+        self.counter += 1
+        if self.scenario == "small":
+            return {"counter": counter, "ts": time.perf_counter(), "tag": tag}
+        frame = self.frames[counter % common.FRAME_RING]
+        checksum = common.stamp_frame(frame, counter)
+        out = Data()
+        out.additional_data = {"frame": frame, "counter": float(counter),
+                               "checksum": float(checksum), "tag": tag,
+                               "ts": time.perf_counter()}
+        return out
+
+
+class Sink(FPSRoutine):
+    """Checks every message and records rate and latency per phase."""
+
+    def __init__(self, name, scenario, out_dir):
+        super().__init__(name)
+        self.scenario = scenario
+        self.out_dir = out_dir
+        self.recorder = None
+
+    def setup(self):
+        self.recorder = common.Recorder(self.name, self.out_dir)
+
+    def main_logic(self, data):
+        now = time.perf_counter()
+        if self.scenario == "small":
+            self.recorder.add(now, data["tag"], data["counter"], data["ts"])
+            return None
+        fields = data.additional_data
+        counter = int(fields["counter"])
+        problem = common.verify_frame(fields["frame"], counter, int(fields["checksum"]))
+        self.recorder.add(now, fields["tag"], counter, fields["ts"], problem)
+        return None
+
+    def cleanup(self):
+        if self.recorder is not None and not self.recorder.written:
+            self.recorder.write(complete=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--queue-size", type=int, default=1,
+                        help="QueueNetwork max_queue_sizes (PipeRT default: 1)")
+    parser.add_argument("--put-block", action="store_true",
+                        help="QueueNetwork put_block=True (PipeRT default: False, drop)")
+    args = parser.parse_args()
+    warmup, run, runs = common.durations(args)
+    phases = common.build_phases(args.scenario, warmup, run, runs)
+    n_dest = 3 if args.scenario == "fanout" else 1
+    out_dir = tempfile.mkdtemp(prefix="bench-pipert2-")
+
+    logger = logging.getLogger("bench-pipert2")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+
+    network = QueueNetwork(max_queue_sizes=args.queue_size, put_block=args.put_block)
+    pipe = Pipe(network=network, logger=logger, data_transmitter=BasicTransmitter())
+    source = Source("source", args.scenario, phases, out_dir)
+    sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
+    pipe.create_flow("source_flow", False, source)
+    for i, sink in enumerate(sinks):
+        pipe.create_flow("sink_flow_%d" % i, False, sink)
+    transmitter = SharedMemoryTransmitter() if args.scenario != "small" else None
+    pipe.link(Wire(source=source, destinations=tuple(sinks), data_transmitter=transmitter))
+
+    names = [source.name] + [sink.name for sink in sinks]
+    info = common.drive(pipe, out_dir, names, common.planned_seconds(phases), args.timeout)
+    result = {
+        "impl": "pipert2",
+        "version": pipert2.__version__,
+        "scenario": args.scenario,
+        "config": {"queue_size": args.queue_size, "put_block": args.put_block,
+                   "transmitter": type(transmitter).__name__ if transmitter else "BasicTransmitter",
+                   "warmup_s": warmup, "run_s": run, "runs": runs},
+        "driver": info,
+    }
+    result.update(common.collect(out_dir, source.name, [sink.name for sink in sinks]))
+    common.emit(result)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if info["shutdown"] == "hung":
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

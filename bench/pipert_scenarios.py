@@ -1,0 +1,139 @@
+"""Benchmark scenarios for our pipert, run with the project's .venv.
+
+One scenario per invocation (``--scenario small|frame|fanout``); the result is
+printed as one ``BENCH_RESULT {json}`` line. Mirrors pipert2_scenarios.py: same
+timeline, same messages, same checks (bench/common.py); only the glue differs:
+- routines subclass SourceRoutine / DestinationRoutine; a source's
+  ``main_logic(self)`` takes no data;
+- each flow is its own process, so destinations report through JSON files;
+- the wire policy is chosen per scenario (default "block": lossless, the
+  source waits when the destination is behind); frames are returned as plain
+  numpy arrays in a dict and arrive as read-only views of shared memory.
+"""
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+from pipert import DestinationRoutine, Pipe, SourceRoutine, Wire  # noqa: E402
+
+DEFAULT_DEPTH = {"small": 256, "frame": 4, "fanout": 4}
+
+
+class Source(SourceRoutine):
+    """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
+
+    def __init__(self, name, scenario, phases, out_dir):
+        super().__init__(name)
+        self.scenario = scenario
+        self.phases = phases
+        self.out_dir = out_dir
+        self.frames = None
+        self.schedule = None
+        self.counter = 0
+        self.reported = False
+
+    def setup(self):
+        self.schedule = common.Schedule(self.phases)
+        self.counter = 0
+        self.reported = False
+        if self.scenario != "small":
+            self.frames = common.make_frames()
+
+    def main_logic(self):
+        tag = self.schedule.next_tag()
+        if tag == common.END_TAG and not self.reported:
+            self.reported = True
+            common.write_json(os.path.join(self.out_dir, self.name + ".json"),
+                              {"name": self.name, "sent": dict(self.schedule.sent)})
+        counter = self.counter
+        self.counter += 1
+        if self.scenario == "small":
+            return {"counter": counter, "ts": time.perf_counter(), "tag": tag}
+        frame = self.frames[counter % common.FRAME_RING]
+        checksum = common.stamp_frame(frame, counter)
+        return {"frame": frame, "counter": counter, "checksum": checksum, "tag": tag,
+                "ts": time.perf_counter()}
+
+
+class Sink(DestinationRoutine):
+    """Checks every message and records rate and latency per phase."""
+
+    def __init__(self, name, scenario, out_dir):
+        super().__init__(name)
+        self.scenario = scenario
+        self.out_dir = out_dir
+        self.recorder = None
+
+    def setup(self):
+        self.recorder = common.Recorder(self.name, self.out_dir)
+
+    def main_logic(self, data):
+        now = time.perf_counter()
+        problem = None
+        if self.scenario != "small":
+            problem = common.verify_frame(data["frame"], data["counter"], data["checksum"])
+        self.recorder.add(now, data["tag"], data["counter"], data["ts"], problem)
+        return None
+
+    def cleanup(self):
+        if self.recorder is not None and not self.recorder.written:
+            self.recorder.write(complete=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_args(parser)
+    parser.add_argument("--policy", choices=("block", "latest"), default="block",
+                        help="wire policy (default: block, lossless)")
+    parser.add_argument("--depth", type=int, help="wire depth (default: 256 small, 4 frames)")
+    args = parser.parse_args()
+    warmup, run, runs = common.durations(args)
+    phases = common.build_phases(args.scenario, warmup, run, runs)
+    depth = args.depth if args.depth is not None else DEFAULT_DEPTH[args.scenario]
+    n_dest = 3 if args.scenario == "fanout" else 1
+    out_dir = tempfile.mkdtemp(prefix="bench-pipert-")
+
+    pipe = Pipe()
+    source = Source("source", args.scenario, phases, out_dir)
+    sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
+    pipe.create_flow("source_flow", False, source)
+    for i, sink in enumerate(sinks):
+        pipe.create_flow("sink_flow_%d" % i, False, sink)
+    pipe.link(Wire(source=source, destinations=tuple(sinks), policy=args.policy, depth=depth))
+
+    names = [source.name] + [sink.name for sink in sinks]
+    info = common.drive(pipe, out_dir, names, common.planned_seconds(phases), args.timeout)
+    result = {
+        "impl": "pipert",
+        "version": getattr(sys.modules["pipert"], "__version__", "dev"),
+        "scenario": args.scenario,
+        "config": {"policy": args.policy, "depth": depth,
+                   "warmup_s": warmup, "run_s": run, "runs": runs},
+        "driver": info,
+    }
+    result.update(common.collect(out_dir, source.name, [sink.name for sink in sinks]))
+    wires = _wire_status(pipe)
+    if wires is not None:
+        result["wires"] = wires
+    common.emit(result)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if info["shutdown"] == "hung":
+        os._exit(0)
+
+
+def _wire_status(pipe):
+    """The wires' drop counters from Pipe.status(), if it answers after join."""
+    try:
+        return pipe.status().get("wires")
+    except Exception:  # the report must not fail on a status() quirk
+        return None
+
+
+if __name__ == "__main__":
+    main()

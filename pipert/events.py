@@ -1,0 +1,51 @@
+"""Event names and the ``@events`` decorator that turns routine methods into handlers."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, List, TypeVar
+
+START_EVENT_NAME = "start"
+STOP_EVENT_NAME = "stop"
+KILL_EVENT_NAME = "kill"
+BUILTIN_EVENTS = (START_EVENT_NAME, STOP_EVENT_NAME, KILL_EVENT_NAME)
+
+_F = TypeVar("_F", bound=Callable)
+_ATTR = "_pipert_events"
+
+
+def events(*names: str) -> Callable[[_F], _F]:
+    """Mark a routine method as the handler of the events ``names``.
+
+    The handler's keyword parameters are filled from the event's params. It runs
+    in the routine's own thread, between two ``main_logic`` calls, so routine
+    state needs no locks.
+    """
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise TypeError("@events needs one or more non-empty event names, e.g. @events('RESET')")
+
+    def mark(method: _F) -> _F:
+        setattr(method, _ATTR, tuple(getattr(method, _ATTR, ())) + names)
+        return method
+
+    return mark
+
+
+def handlers_of(obj: object) -> Dict[str, List[Callable]]:
+    """The bound handler methods of ``obj``, by event name."""
+    found: Dict[str, List[Callable]] = {}
+    for attr, member in inspect.getmembers(type(obj), callable):
+        for name in getattr(member, _ATTR, ()):
+            found.setdefault(name, []).append(getattr(obj, attr))
+    return found
+
+
+def check_params(handler: Callable, event: str, target: str, params: dict) -> None:
+    """Raise a TypeError naming the event and handler if ``params`` do not fit it."""
+    try:
+        inspect.signature(handler).bind(**params)
+    except TypeError as exc:
+        wanted = ", ".join(inspect.signature(handler).parameters) or "no parameters"
+        raise TypeError(
+            f"event '{event}' for routine '{target}': parameters {sorted(params)} do not fit "
+            f"{handler.__name__}({wanted}): {exc}"
+        ) from None

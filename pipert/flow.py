@@ -1,0 +1,293 @@
+"""Flows: one OS process each, running its routines as threads.
+
+``Flow`` is the user's grouping. ``run_flow`` is the body of a flow process: it
+starts one ``_Runner`` thread per routine, routes events from the daemon to
+them, forwards their log records and reports their counters.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .errors import TransportError
+from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, handlers_of
+from .routine import Routine, SourceRoutine
+from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
+
+IDLE, RUNNING, STOPPED, CRASHED, KILLED = "idle", "running", "stopped", "crashed", "killed"
+STATUS_INTERVAL = 0.5  # seconds between two counter reports of a flow
+_PR_SET_PDEATHSIG = 1
+
+_log = logging.getLogger(__name__)
+
+
+class Flow:
+    """A named group of routines that runs in its own OS process."""
+
+    def __init__(self, name: str, routines: Sequence[Routine]) -> None:
+        self.name = name
+        self.routines = list(routines)
+
+
+@dataclass
+class Event:
+    """One event on its way to a routine."""
+
+    id: int
+    name: str
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoutinePlan:
+    """What a routine is connected to, computed by ``Pipe.build`` before flows fork."""
+
+    inbox: Inbox
+    senders: List[WireSender]
+    local_channels: Dict[int, LocalChannel]  # wire index -> channel into this routine
+
+
+class _Runner:
+    """Runs one routine in its own thread: events first, then ``main_logic`` on the next input."""
+
+    def __init__(self, routine: Routine, plan: RoutinePlan, flow: "_FlowProcess") -> None:
+        self.routine = routine
+        self.plan = plan
+        self.flow = flow
+        self.handlers = handlers_of(routine)
+        self.events: collections.deque = collections.deque()
+        self.state = IDLE
+        self.error: Optional[str] = None
+        self.killing = False
+        self.setup_done = False
+        self.messages_in = 0
+        self.messages_out = 0
+        self.calls = 0
+        self.thread = threading.Thread(target=self._run, name=routine.name, daemon=True)
+
+    def deliver(self, event: Event) -> None:
+        """Queue ``event`` for this routine's thread (called from the flow's main thread)."""
+        if event.name == KILL_EVENT_NAME:
+            self.killing = True
+        self.events.append(event)
+        self.plan.inbox.bell.release()
+
+    def _should_stop(self) -> bool:
+        return self.killing
+
+    def _run(self) -> None:
+        events = self.events
+        inbox = self.plan.inbox
+        routine = self.routine
+        source = isinstance(routine, SourceRoutine)
+        writable = routine.writable_input
+        while True:
+            if events:
+                if not self._handle(events.popleft()):
+                    return
+                continue
+            if self.state != RUNNING:
+                inbox.bell.acquire()
+                continue
+            if source:
+                data = self._call(routine.main_logic)
+            else:
+                message = inbox.next()
+                if message is EMPTY:
+                    continue
+                self.messages_in += 1
+                data = self._call(routine.main_logic, copy.deepcopy(message) if writable else message)
+            if data is not None and self.plan.senders:
+                self._send(data)
+
+    def _call(self, main_logic: Callable, *args: Any) -> Any:
+        self.calls += 1
+        try:
+            return main_logic(*args)
+        except Exception as exc:
+            self.routine.logger.exception("main_logic of routine '%s' failed; going on with the next input",
+                                          self.routine.name)
+            self.error = f"main_logic: {exc!r}"
+            return None
+
+    def _send(self, data: Any) -> None:
+        try:
+            for sender in self.plan.senders:
+                sender.send(data, self._should_stop)
+        except Closed:
+            return
+        except TransportError as exc:
+            self.routine.logger.error("%s", exc)
+            self.error = str(exc)
+            return
+        self.messages_out += 1
+
+    def _handle(self, event: Event) -> bool:
+        """Run one event; False once the routine is killed."""
+        error = None
+        if event.name == START_EVENT_NAME and not self.setup_done:
+            try:
+                self.routine.setup()
+                self.setup_done = True
+            except Exception as exc:
+                self.routine.logger.exception("setup of routine '%s' failed; it stays stopped until the "
+                                              "next start", self.routine.name)
+                self.state = CRASHED
+                self.error = error = f"setup: {exc!r}"
+        if event.name == START_EVENT_NAME and self.setup_done:
+            self.state = RUNNING
+        elif event.name == STOP_EVENT_NAME and self.state == RUNNING:
+            self.state = STOPPED
+        for handler in self.handlers.get(event.name, ()):
+            try:
+                handler(**event.params)
+            except Exception as exc:
+                self.routine.logger.exception("handler %s of event '%s' failed in routine '%s'",
+                                              handler.__name__, event.name, self.routine.name)
+                error = f"{handler.__name__}: {exc!r}"
+        if event.name == KILL_EVENT_NAME:
+            self._cleanup()
+        self.flow.ack(event.id, self.routine.name, error)
+        return event.name != KILL_EVENT_NAME
+
+    def _cleanup(self) -> None:
+        self.state = KILLED
+        if self.setup_done:
+            try:
+                self.routine.cleanup()
+            except Exception:
+                self.routine.logger.exception("cleanup of routine '%s' failed", self.routine.name)
+
+    def counters(self) -> Dict[str, Any]:
+        return {"state": self.state, "error": self.error, "messages_in": self.messages_in,
+                "messages_out": self.messages_out, "calls": self.calls}
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends a flow's log records to the daemon, which hands them to the pipe's handlers."""
+
+    def __init__(self, send: Callable[[tuple], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = dict(record.__dict__)
+            fields["msg"] = record.getMessage()
+            fields["args"] = None
+            if record.exc_info:
+                fields["exc_text"] = self.formatter.formatException(record.exc_info) if self.formatter else \
+                    logging.Formatter().formatException(record.exc_info)
+            fields["exc_info"] = None
+            self._send(("log", fields))
+        except Exception:
+            self.handleError(record)
+
+
+class _FlowProcess:
+    """The main thread of a flow process."""
+
+    def __init__(self, pipe: Any, flow: Flow, conn: Connection) -> None:
+        self.pipe = pipe
+        self.flow = flow
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self.runners = {r.name: _Runner(r, pipe._plans[r.name], self) for r in flow.routines}
+
+    def send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self.conn.send(message)
+            except OSError:
+                pass
+
+    def ack(self, event_id: int, routine: str, error: Optional[str]) -> None:
+        self.send(("ack", event_id, routine, error))
+
+    def notify_event(self, name: str, targets: Optional[dict], params: dict) -> None:
+        if self.pipe._resolve(name, targets, params, strict=False):
+            self.send(("notify", name, targets, params))
+        else:
+            logging.getLogger(self.pipe.logger.name).warning("event '%s' goes nowhere: no chosen routine "
+                                                             "handles it", name)
+
+    def _report(self, last: Dict[str, int], elapsed: float) -> None:
+        routines = {}
+        for name, runner in self.runners.items():
+            counters = runner.counters()
+            counters["fps"] = round((counters["calls"] - last.get(name, 0)) / elapsed, 2) if elapsed > 0 else 0.0
+            last[name] = counters["calls"]
+            routines[name] = counters
+        channels = {f"{wire}:{name}": (channel.depth(), channel.dropped)
+                    for name, runner in self.runners.items()
+                    for wire, channel in runner.plan.local_channels.items()}
+        self.send(("status", self.flow.name, routines, channels))
+
+    def _kill_all(self) -> None:
+        for runner in self.runners.values():
+            runner.deliver(Event(0, KILL_EVENT_NAME))
+
+    def run(self) -> None:
+        for routine in self.flow.routines:
+            routine._runtime = self
+            routine.logger = logging.getLogger(self.pipe._routine_logger_name(self.flow.name, routine.name))
+        for runner in self.runners.values():
+            runner.thread.start()
+        self.send(("ready", self.flow.name, os.getpid()))
+        last: Dict[str, int] = {}
+        reported = time.monotonic()
+        while any(r.thread.is_alive() for r in self.runners.values()):
+            try:
+                if self.conn.poll(STATUS_INTERVAL):
+                    _, event_id, name, routines, params = self.conn.recv()
+                    for routine in routines:
+                        self.runners[routine].deliver(Event(event_id, name, params))
+            except (EOFError, OSError):
+                _log.warning("flow '%s' lost its daemon; killing its routines", self.flow.name)
+                self._kill_all()
+                self.conn.close()
+                break
+            now = time.monotonic()
+            if now - reported >= STATUS_INTERVAL:
+                self._report(last, now - reported)
+                reported = now
+        for runner in self.runners.values():
+            runner.thread.join()
+        self._report(last, time.monotonic() - reported)
+
+
+def _forward_logs(pipe: Any, send: Callable[[tuple], None]) -> None:
+    base = logging.getLogger(pipe.logger.name)
+    for handler in list(base.handlers):
+        base.removeHandler(handler)
+    base.addHandler(_ForwardHandler(send))
+    base.propagate = False
+
+
+def run_flow(pipe: Any, flow_name: str, fd: int) -> None:
+    """Body of a flow process (forked from the zygote); never returns."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        process = _FlowProcess(pipe, pipe.flows[flow_name], Connection(fd))
+        _forward_logs(pipe, process.send)
+        process.run()
+    except BaseException:
+        _log.exception("flow '%s' failed", flow_name)
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

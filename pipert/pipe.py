@@ -1,0 +1,557 @@
+"""The Pipe: the daemon side of a pipeline.
+
+The process that builds a pipe is the daemon. It validates the graph, creates
+the shared memory, forks the zygote (before any thread of its own), asks it for
+one process per flow, routes events to flows and collects their
+acknowledgements, log records and counters. It never runs routines itself.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from multiprocessing.connection import Connection
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import shm
+from .errors import BuildError, EventError
+from .events import BUILTIN_EVENTS, KILL_EVENT_NAME, check_params, handlers_of
+from .flow import IDLE, Flow, RoutinePlan, run_flow
+from .routine import DestinationRoutine, Routine, SourceRoutine
+from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
+from .wire import BLOCK, LATEST, POLICIES, Wire
+from .zygote import Zygote
+
+_READY_TIMEOUT = 30.0
+_log = logging.getLogger(__name__)
+
+
+def _default_logger() -> logging.Logger:
+    logger = logging.getLogger("pipe")
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return logger
+
+
+class EventResult:
+    """The acknowledgements of one event, filled in as its routines report back."""
+
+    def __init__(self, event: str, routines: List[str]) -> None:
+        self.event = event
+        self.routines = list(routines)
+        self.handled_by: List[str] = []
+        self.errors: Dict[str, str] = {}
+        self._pending = set(routines)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        if not self._pending:
+            self._done.set()
+
+    def _ack(self, routine: str, error: Optional[str]) -> None:
+        with self._lock:
+            if routine not in self._pending:
+                return
+            self._pending.discard(routine)
+            if error is None:
+                self.handled_by.append(routine)
+            else:
+                self.errors[routine] = error
+            if not self._pending:
+                self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Wait until every routine acknowledged (or ``timeout``); the result as a dict."""
+        self._done.wait(timeout)
+        with self._lock:
+            return {"event": self.event, "handled_by": sorted(self.handled_by), "errors": dict(self.errors),
+                    "pending": sorted(self._pending)}
+
+
+class _FlowState:
+    """What the daemon knows of one flow process."""
+
+    def __init__(self) -> None:
+        self.pid: Optional[int] = None
+        self.conn: Optional[Connection] = None
+        self.send_lock = threading.Lock()
+        self.ready = threading.Event()
+        self.alive = False
+        self.exit_code: Optional[int] = None
+        self.restarts = 0
+        self.routines: Dict[str, Dict[str, Any]] = {}
+        self.channels: Dict[str, Tuple[int, int]] = {}
+
+
+class Pipe:
+    """A pipeline of flows (processes) of routines (threads) linked by wires.
+
+    ``wire_policy``/``wire_depth`` are the defaults of wires that set none;
+    ``ring_capacity`` is the byte size of each inter-flow ring (small messages
+    travel inline, large buffers through a pool of ``pool_slots`` slots per
+    wire, default ``2 * depth + 4``); ``kill_grace`` is how long flows get to
+    finish at kill before they are terminated.
+    """
+
+    def __init__(self, logger: Optional[logging.Logger] = None, wire_policy: str = LATEST, wire_depth: int = 1,
+                 ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0) -> None:
+        if wire_policy not in POLICIES:
+            raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
+        self.logger = logger if logger is not None else _default_logger()
+        self.id = secrets.token_hex(4)
+        self.flows: Dict[str, Flow] = {}
+        self.wires: List[Wire] = []
+        self._flow_list: List[Flow] = []
+        self._wire_policy = wire_policy
+        self._wire_depth = wire_depth
+        self._ring_capacity = ring_capacity
+        self._pool_slots = pool_slots
+        self._kill_grace = kill_grace
+        self._plans: Dict[str, RoutinePlan] = {}
+        self._remote: List[Tuple[str, str, ShmRing]] = []
+        self._local: List[Tuple[str, str, str, str]] = []
+        self._states: Dict[str, _FlowState] = {}
+        self._results: Dict[int, EventResult] = {}
+        self._event_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._all_exited = threading.Event()
+        self._zygote: Optional[Zygote] = None
+        self._built = False
+        self._closed = False
+        self._killing = False
+        self._previous_sigterm: Any = None
+
+    # ----- declaring the graph -----
+
+    def create_flow(self, flow_name: str, auto_wire: bool, *routines: Routine) -> Flow:
+        """Add a flow running ``routines``; with ``auto_wire`` link each to the next."""
+        flow = Flow(flow_name, routines)
+        for routine in routines:
+            if isinstance(routine, Routine):
+                routine.flow_name = flow_name
+        self._flow_list.append(flow)
+        self.flows.setdefault(flow_name, flow)
+        if auto_wire:
+            for source, destination in zip(routines, routines[1:]):
+                self.link(Wire(source=source, destinations=(destination,)))
+        return flow
+
+    def link(self, *wires: Wire) -> None:
+        """Add wires between routines."""
+        self.wires.extend(wires)
+
+    # ----- validation and build -----
+
+    def _validate(self) -> Dict[str, str]:
+        flow_of: Dict[int, str] = {}
+        names: Dict[str, Routine] = {}
+        if not self._flow_list:
+            raise BuildError("the pipe has no flows: add one with pipe.create_flow(name, auto_wire, *routines)")
+        seen_flows = set()
+        for flow in self._flow_list:
+            if flow.name in seen_flows:
+                raise BuildError(f"flow name '{flow.name}' is used twice: give each flow its own name")
+            seen_flows.add(flow.name)
+            if not flow.routines:
+                raise BuildError(f"flow '{flow.name}' has no routines: pass them to create_flow")
+            for routine in flow.routines:
+                if not isinstance(routine, Routine):
+                    raise BuildError(f"flow '{flow.name}' holds {routine!r}, which is not a routine: pass "
+                                     "SourceRoutine, MiddleRoutine or DestinationRoutine instances")
+                if id(routine) in flow_of:
+                    raise BuildError(f"routine '{routine.name}' is in two flows ('{flow_of[id(routine)]}' and "
+                                     f"'{flow.name}'): create a separate instance for each flow")
+                if routine.name in names:
+                    raise BuildError(f"routine name '{routine.name}' is used twice: give each routine its own "
+                                     "name, e.g. MyRoutine(name='my-routine-2')")
+                flow_of[id(routine)] = flow.name
+                names[routine.name] = routine
+        inputs: Dict[str, int] = {n: 0 for n in names}
+        outputs: Dict[str, int] = {n: 0 for n in names}
+        edges: Dict[str, List[str]] = {n: [] for n in names}
+        seen_edges = set()
+        for wire in self.wires:
+            for end in (wire.source, *wire.destinations):
+                if id(end) not in flow_of:
+                    raise BuildError(f"a wire links {end!r}, which is in no flow: add it to a flow with "
+                                     "create_flow before linking it")
+            if not wire.destinations:
+                raise BuildError(f"the wire from routine '{wire.source.name}' has no destinations")
+            if isinstance(wire.source, DestinationRoutine):
+                raise BuildError(f"destination routine '{wire.source.name}' cannot have outputs: make it a "
+                                 "MiddleRoutine to send data on")
+            for destination in wire.destinations:
+                if isinstance(destination, SourceRoutine):
+                    raise BuildError(f"source routine '{destination.name}' cannot have inputs: make it a "
+                                     "MiddleRoutine to receive data")
+                edge = (wire.source.name, destination.name)
+                if edge in seen_edges:
+                    raise BuildError(f"routine '{edge[0]}' is wired to '{edge[1]}' twice: remove one wire")
+                seen_edges.add(edge)
+                outputs[wire.source.name] += 1
+                inputs[destination.name] += 1
+                edges[wire.source.name].append(destination.name)
+            if wire.policy is None:
+                wire.policy = self._wire_policy
+            if wire.depth is None:
+                wire.depth = self._wire_depth
+        for name, routine in names.items():
+            if not inputs[name] and not outputs[name]:
+                raise BuildError(f"routine '{name}' is linked to nothing: wire it with pipe.link(Wire(...)) "
+                                 "or create its flow with auto_wire=True")
+            if not isinstance(routine, SourceRoutine) and not inputs[name]:
+                raise BuildError(f"routine '{name}' has no inputs, so it would never run: wire a routine into it")
+            if not isinstance(routine, DestinationRoutine) and not outputs[name]:
+                raise BuildError(f"routine '{name}' has no outputs: wire it to a destination, or make it a "
+                                 "DestinationRoutine")
+        self._check_acyclic(edges)
+        return {name: flow_of[id(routine)] for name, routine in names.items()}
+
+    @staticmethod
+    def _check_acyclic(edges: Dict[str, List[str]]) -> None:
+        colour: Dict[str, int] = {}
+
+        def visit(node: str, path: List[str]) -> None:
+            colour[node] = 1
+            for nxt in edges[node]:
+                if colour.get(nxt) == 1:
+                    cycle = path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+                    raise BuildError(f"the wires form a cycle: {' -> '.join(cycle)}: remove one of these wires")
+                if nxt not in colour:
+                    visit(nxt, path + [node])
+            colour[node] = 2
+
+        for node in edges:
+            if node not in colour:
+                visit(node, [])
+
+    def _plan(self, flow_of: Dict[str, str]) -> None:
+        pid = os.getpid()
+        routines = [r for flow in self._flow_list for r in flow.routines]
+        bells = {r.name: shm.create_semaphore(shm.name(self.id, pid, f"bell{i}"), 0) for i, r in enumerate(routines)}
+        plans = {r.name: RoutinePlan(Inbox(bells[r.name]), [], {}) for r in routines}
+        for index, wire in enumerate(self.wires):
+            source = wire.source.name
+            remote_destinations = [d for d in wire.destinations if flow_of[d.name] != flow_of[source]]
+            pool = None
+            if remote_destinations:
+                pool = Pool(self.id, str(index), self._pool_slots or 2 * wire.depth + 4, len(remote_destinations))
+            local, remote = [], []
+            for destination in wire.destinations:
+                plan = plans[destination.name]
+                if destination in remote_destinations:
+                    receiver = remote_destinations.index(destination)
+                    ring = ShmRing.create(self.id, f"{index}_{receiver}", self._ring_capacity, wire.depth, wire.policy)
+                    remote.append(RemoteTarget(ring, plan.inbox.bell, receiver))
+                    plan.inbox.readers.append(RingReader(ring, pool, receiver))
+                    self._remote.append((source, destination.name, ring))
+                else:
+                    channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)
+                    local.append(channel)
+                    plan.local_channels[index] = channel
+                    plan.inbox.readers.append(channel)
+                    self._local.append((source, destination.name, flow_of[destination.name], f"{index}:{destination.name}"))
+            plans[source].senders.append(WireSender(source, wire.policy == BLOCK, local, remote, pool))
+        self._plans = plans
+
+    def build(self) -> None:
+        """Validate the graph, create shared memory and start one process per flow."""
+        if self._built:
+            raise BuildError("this pipe is already built: build() runs once per pipe")
+        flow_of = self._validate()
+        self.flows = {flow.name: flow for flow in self._flow_list}
+        shm.sweep_stale()
+        self._built = True
+        try:
+            self._plan(flow_of)
+            self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd))
+            threading.Thread(target=self._read_zygote, name="pipert-zygote-reader", daemon=True).start()
+            atexit.register(self._shutdown)
+            for name in self.flows:
+                self._states[name] = _FlowState()
+                self._spawn(name)
+            for name, state in self._states.items():
+                if not state.ready.wait(_READY_TIMEOUT):
+                    raise BuildError(f"flow '{name}' did not start within {_READY_TIMEOUT:.0f} s: see its log")
+        except BaseException:
+            self._shutdown()
+            raise
+        self._install_sigterm()
+        structure = self.structure()
+        for handler in self.logger.handlers:
+            if hasattr(handler, "send_pipe_creation"):
+                handler.send_pipe_creation(structure)
+        self.logger.plog("pipe %s built: %d flows, %d routines", self.id, len(self.flows), len(self._plans))
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            def terminate(signum: int, frame: Any) -> None:
+                raise SystemExit(128 + signum)
+            self._previous_sigterm = signal.SIG_DFL
+            signal.signal(signal.SIGTERM, terminate)
+
+    def _spawn(self, flow: str) -> None:
+        ours, theirs = socket.socketpair()
+        state = self._states[flow]
+        state.conn = Connection(ours.detach())
+        state.ready.clear()
+        state.alive = True
+        self._zygote.spawn(flow, theirs.fileno())
+        theirs.close()
+        threading.Thread(target=self._read_flow, args=(flow, state.conn), name=f"pipert-{flow}-reader",
+                         daemon=True).start()
+
+    # ----- messages from flows and the zygote -----
+
+    def _read_flow(self, flow: str, conn: Connection) -> None:
+        state = self._states[flow]
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            kind = message[0]
+            if kind == "ack":
+                result = self._results.get(message[1])
+                if result is not None:
+                    result._ack(message[2], message[3])
+            elif kind == "status":
+                state.routines, state.channels = message[2], message[3]
+            elif kind == "log":
+                record = logging.makeLogRecord(message[1])
+                logging.getLogger(record.name).handle(record)
+            elif kind == "notify":
+                try:
+                    self._dispatch(message[1], self._resolve(message[1], message[2], message[3], False), message[3])
+                except Exception:
+                    self.logger.exception("event '%s' from flow '%s' could not be delivered", message[1], flow)
+            elif kind == "ready":
+                state.pid = message[2]
+                state.ready.set()
+
+    def _read_zygote(self) -> None:
+        while True:
+            try:
+                report = self._zygote.receive()
+            except OSError:
+                report = ()
+            if not report:
+                return
+            if report[0] == "spawned":
+                self._states[report[1]].pid = report[2]
+            elif report[0] == "exited":
+                self._flow_exited(report[1], report[2], report[3])
+
+    def _flow_exited(self, flow: str, pid: int, code: int) -> None:
+        state = self._states[flow]
+        with self._lock:
+            state.alive = False
+            state.exit_code = code
+            for routine in self.flows[flow].routines:
+                state.routines.setdefault(routine.name, {})["state"] = "killed" if self._killing else "dead"
+        shm.unlink_owned(self.id, pid)
+        if code != 0 or not self._killing:
+            self.logger.error("flow '%s' (pid %d) exited with code %d", flow, pid, code)
+        for result in list(self._results.values()):
+            for routine in self.flows[flow].routines:
+                result._ack(routine.name, f"flow '{flow}' exited (code {code})")
+        if not any(s.alive for s in self._states.values()):
+            self._all_exited.set()
+
+    # ----- events -----
+
+    def _resolve(self, name: str, targets: Optional[Dict[str, Any]], params: Dict[str, Any],
+                 strict: bool = True) -> Dict[str, List[str]]:
+        """The routines, by flow, that ``name`` goes to.
+
+        Unknown flows or routines and parameters that fit no handler raise. An
+        event that no chosen routine handles raises when ``strict``, else it is
+        logged and goes nowhere (PipeRT 2 scripts send such events freely).
+        """
+        if not isinstance(name, str) or not name:
+            raise EventError(f"event name {name!r} must be a non-empty string")
+        explicit: set = set()
+        chosen: Dict[str, List[Routine]] = {}
+        if not targets:
+            chosen = {flow.name: list(flow.routines) for flow in self.flows.values()}
+        else:
+            if not isinstance(targets, dict):
+                raise EventError(f"event targets {targets!r} must be a dict {{flow: [routine, ...]}}")
+            for flow_name, routine_names in targets.items():
+                flow = self.flows.get(flow_name)
+                if flow is None:
+                    raise EventError(f"event '{name}': there is no flow '{flow_name}'; flows are "
+                                     f"{sorted(self.flows)}")
+                if isinstance(routine_names, str):
+                    routine_names = [routine_names]
+                by_name = {r.name: r for r in flow.routines}
+                if not routine_names:
+                    chosen[flow_name] = list(flow.routines)
+                    continue
+                for routine_name in routine_names:
+                    if routine_name not in by_name:
+                        raise EventError(f"event '{name}': flow '{flow_name}' has no routine '{routine_name}'; "
+                                         f"it has {sorted(by_name)}")
+                    explicit.add(routine_name)
+                chosen[flow_name] = [by_name[r] for r in routine_names]
+        resolved: Dict[str, List[str]] = {}
+        for flow_name, routines in chosen.items():
+            for routine in routines:
+                handlers = handlers_of(routine).get(name, [])
+                if name not in BUILTIN_EVENTS and not handlers:
+                    if routine.name in explicit and strict:
+                        raise EventError(f"routine '{routine.name}' does not handle event '{name}': declare a "
+                                         f"method with @events('{name}') on {type(routine).__name__}")
+                    continue
+                for handler in handlers:
+                    check_params(handler, name, routine.name, params)
+                if name in BUILTIN_EVENTS and params and not handlers:
+                    raise EventError(f"event '{name}' takes no parameters for routine '{routine.name}' "
+                                     f"(got {sorted(params)})")
+                resolved.setdefault(flow_name, []).append(routine.name)
+        if not resolved and strict:
+            declared = sorted({e for f in self.flows.values() for r in f.routines for e in handlers_of(r)})
+            raise EventError(f"no routine handles event '{name}'; events declared with @events are "
+                             f"{declared}, built-in ones are {list(BUILTIN_EVENTS)}")
+        return resolved
+
+    def _dispatch(self, name: str, targets: Dict[str, List[str]], params: Dict[str, Any]) -> EventResult:
+        event_id = next(self._event_ids)
+        result = EventResult(name, [r for routines in targets.values() for r in routines])
+        self._results[event_id] = result
+        if name == KILL_EVENT_NAME:
+            self._killing = True
+        for flow, routines in targets.items():
+            state = self._states[flow]
+            try:
+                with state.send_lock:
+                    if not state.alive:
+                        raise OSError("not running")
+                    state.conn.send(("event", event_id, name, routines, params))
+            except OSError:
+                for routine in routines:
+                    result._ack(routine, f"flow '{flow}' is not running")
+        if len(self._results) > 1000:
+            for old in [k for k, r in self._results.items() if r.done][:-100]:
+                self._results.pop(old, None)
+        return result
+
+    def notify_event(self, event_name: str, specific_flow_routines: Optional[Dict[str, Any]] = None,
+                     **params: Any) -> EventResult:
+        """Send an event to all routines, the routines of chosen flows (``{flow: []}``) or chosen
+        routines (``{flow: [routine]}``), with keyword ``params`` for the handlers.
+
+        Returns at once; ``.wait(timeout)`` on the result waits for the acknowledgements.
+        """
+        return self.send_event(event_name, specific_flow_routines, params, strict=False)
+
+    def send_event(self, event_name: str, targets: Optional[Dict[str, Any]] = None,
+                   params: Optional[Dict[str, Any]] = None, strict: bool = True) -> EventResult:
+        """``notify_event`` for control surfaces: an event no chosen routine handles raises EventError."""
+        if not self._built:
+            raise EventError(f"event '{event_name}' sent before build(): call pipe.build() first")
+        params = dict(params or {})
+        resolved = self._resolve(event_name, targets, params, strict)
+        if not resolved:
+            self.logger.warning("event '%s' goes nowhere: no chosen routine handles it", event_name)
+        return self._dispatch(event_name, resolved, params)
+
+    # ----- ending -----
+
+    def kill(self) -> None:
+        """Send ``kill`` to every running flow (returns at once; ``join`` waits for the exit)."""
+        alive = {name: [] for name, state in self._states.items() if state.alive}
+        if alive:
+            self._dispatch(KILL_EVENT_NAME, self._resolve(KILL_EVENT_NAME, alive, {}), {})
+
+    def join(self, to_kill: bool = False) -> None:
+        """Wait until every flow has exited (after ``kill``); ``to_kill=True`` kills first.
+
+        Ctrl-C or SIGTERM while waiting kills the pipe before the exception goes on.
+        """
+        if not self._built:
+            raise BuildError("join() needs a built pipe: call pipe.build() first")
+        try:
+            if to_kill:
+                self.kill()
+            while not self._all_exited.wait(0.2):
+                pass
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Kill what still runs, wait for it, free every shared-memory object. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if any(s.alive for s in self._states.values()):
+            self.kill()
+            if not self._all_exited.wait(self._kill_grace):
+                for name, state in self._states.items():
+                    if state.alive and state.pid:
+                        self.logger.warning("flow '%s' did not finish within %.1f s of kill: terminating it",
+                                            name, self._kill_grace)
+                        try:
+                            os.kill(state.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                self._all_exited.wait(5.0)
+        if self._zygote is not None:
+            self._zygote.stop()
+        for state in self._states.values():
+            if state.conn is not None:
+                state.conn.close()
+        shm.unlink_owned(self.id)
+        atexit.unregister(self._shutdown)
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    # ----- introspection -----
+
+    def _routine_logger_name(self, flow: str, routine: str) -> str:
+        return f"{self.logger.name}.{flow}.{routine}"
+
+    def structure(self) -> Dict[str, Any]:
+        """The routines and the events they handle (the cockpit's ``pipe_creation`` message)."""
+        return {
+            "Routines": [{"flow_name": flow.name, "routine_name": r.name,
+                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS)}
+                         for flow in self._flow_list for r in flow.routines],
+            "Events": list(BUILTIN_EVENTS),
+        }
+
+    def status(self) -> Dict[str, Any]:
+        """Routine states and counters, flow processes, and wire depths and drops, as plain JSON."""
+        routines = {}
+        for flow in self._flow_list:
+            state = self._states.get(flow.name)
+            for routine in flow.routines:
+                reported = state.routines.get(routine.name, {}) if state else {}
+                routines[routine.name] = {
+                    "flow": flow.name, "state": reported.get("state", IDLE),
+                    "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
+                    "fps": reported.get("fps", 0.0), "error": reported.get("error")}
+        flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "exit_code": s.exit_code}
+                 for name, s in self._states.items()}
+        wires = []
+        for source, destination, ring in self._remote:
+            depth, dropped = ring.stats()
+            wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
+        for source, destination, flow, key in self._local:
+            depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
+            wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
+        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}

@@ -1,0 +1,75 @@
+"""Routines: the user's units of work, run as one thread each inside a flow process."""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from typing import Any, ClassVar, Dict, Optional
+
+_counters: Dict[str, itertools.count] = defaultdict(itertools.count)
+
+
+class Routine:
+    """Base of every routine.
+
+    Override ``setup`` (runs at the first ``start``, again at a later ``start`` if
+    it failed), ``main_logic`` and ``cleanup`` (runs at ``kill`` after a
+    successful setup). Inside a routine, ``self.name`` is its name,
+    ``self.logger`` its logger and ``self.notify_event(...)`` sends an event.
+
+    Set ``writable_input = True`` on a routine class to receive private,
+    writable copies of its input; otherwise numpy arrays from other flows are
+    read-only views of shared memory and data from the same flow is shared with
+    its sender and other receivers, so copy before changing it.
+    """
+
+    writable_input: ClassVar[bool] = False
+
+    def __init__(self, name: Optional[str] = None) -> None:
+        cls = type(self).__name__
+        self.name = name if name is not None else f"{cls}-{next(_counters[cls])}"
+        self.flow_name: Optional[str] = None
+        self.logger = logging.getLogger(f"pipert.{self.name}")
+        self._runtime: Any = None
+
+    def setup(self) -> None:
+        """Prepare resources (open a camera, load a model). Runs in the routine's thread."""
+
+    def cleanup(self) -> None:
+        """Release what ``setup`` acquired. Runs in the routine's thread at kill."""
+
+    def notify_event(self, event_name: str, specific_flow_routines: Optional[dict] = None,
+                     **params: Any) -> None:
+        """Send an event to the pipe's routines (all, ``{flow: []}`` or ``{flow: [routine]}``).
+
+        It is validated here (unknown names raise EventError) and delivered
+        asynchronously, so a routine may send an event to itself.
+        """
+        if self._runtime is None:
+            raise RuntimeError(
+                f"routine '{self.name}' can only notify events while its pipe runs: use Pipe.notify_event before")
+        self._runtime.notify_event(event_name, specific_flow_routines, params)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class SourceRoutine(Routine):
+    """Produces data: ``main_logic()`` takes nothing and returns a message (None sends nothing)."""
+
+    def main_logic(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define main_logic(self)")
+
+
+class MiddleRoutine(Routine):
+    """Transforms data: ``main_logic(data)`` returns the message to send on (None sends nothing)."""
+
+    def main_logic(self, data: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define main_logic(self, data)")
+
+
+class DestinationRoutine(Routine):
+    """Consumes data: ``main_logic(data)``; what it returns is ignored."""
+
+    def main_logic(self, data: Any) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define main_logic(self, data)")

@@ -1,0 +1,419 @@
+"""How messages move from a routine's output to the routines it is wired to.
+
+Inside one flow a message passes by reference through a ``LocalChannel``.
+Between flows it is pickled (protocol 5) once per wire; buffers of at least
+``OOB_MIN`` bytes (numpy arrays) go out-of-band into the wire's shared-memory
+``Pool`` and only small records travel through one ``ShmRing`` per remote
+destination. The receiver gets read-only numpy arrays that view the pool slot:
+no copy on receive. A slot is reused only when every receiver's flag says it
+released the slot (its arrays were garbage collected); only the owner counts,
+so no cross-process atomics are needed.
+
+Every consumer waits on one ``Doorbell`` (a posix semaphore) that producers and
+events ring; it polls its inputs before waiting, so no wake-up is ever lost and
+an idle routine burns no CPU.
+"""
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+import pickle
+import struct
+import threading
+import weakref
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import posix_ipc
+
+from . import shm
+from .errors import TransportError
+from .wire import BLOCK
+
+OOB_MIN = 64 * 1024
+"""Buffers of at least this many bytes travel through the pool, not the ring."""
+
+EMPTY = object()
+"""Returned by ``poll`` when an input has nothing waiting."""
+
+_WAIT_SLICE = 0.2  # seconds between checks of ``should_stop`` while a producer waits
+
+
+class Closed(Exception):
+    """Raised inside a waiting producer when its routine is being killed."""
+
+
+Doorbell = posix_ipc.Semaphore
+
+
+def _wait(sem: posix_ipc.Semaphore, should_stop: Callable[[], bool]) -> None:
+    try:
+        sem.acquire(_WAIT_SLICE)
+    except posix_ipc.BusyError:
+        if should_stop():
+            raise Closed() from None
+
+
+class LocalChannel:
+    """A bounded queue between two routines of the same flow; data passes by reference."""
+
+    def __init__(self, depth: int, policy: str, bell: Doorbell) -> None:
+        self._queue: collections.deque = collections.deque()
+        self._depth = depth
+        self._bell = bell
+        self._space = threading.Semaphore(depth) if policy == BLOCK else None
+        self.dropped = 0
+
+    def put(self, obj: object, should_stop: Callable[[], bool]) -> None:
+        if self._space is not None:
+            while not self._space.acquire(timeout=_WAIT_SLICE):
+                if should_stop():
+                    raise Closed()
+        elif len(self._queue) >= self._depth:
+            try:
+                self._queue.popleft()
+                self.dropped += 1
+            except IndexError:
+                pass
+        self._queue.append(obj)
+        self._bell.release()
+
+    def poll(self) -> object:
+        try:
+            obj = self._queue.popleft()
+        except IndexError:
+            return EMPTY
+        if self._space is not None:
+            self._space.release()
+        return obj
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+
+_RING_HDR = struct.Struct("<QQIIQ")  # head, tail, count, producer waiting, dropped
+_RING_HDR_SIZE = 64
+_LEN = struct.Struct("<I")
+
+
+class ShmRing:
+    """A bounded queue of byte records from one producer to one consumer process.
+
+    The header and the records are guarded by a semaphore used as a mutex; the
+    ``space`` semaphore wakes a producer that waits under the ``block`` policy.
+    """
+
+    def __init__(self, mm: mmap.mmap, lock: posix_ipc.Semaphore, space: posix_ipc.Semaphore,
+                 depth: int, policy: str) -> None:
+        self._mm = mm
+        self._cap = len(mm) - _RING_HDR_SIZE
+        self._lock = lock
+        self._space = space
+        self._depth = depth
+        self._block = policy == BLOCK
+
+    @classmethod
+    def create(cls, pipe_id: str, tag: str, capacity: int, depth: int, policy: str) -> "ShmRing":
+        pid = os.getpid()
+        return cls(shm.create_segment(shm.name(pipe_id, pid, f"ring{tag}"), _RING_HDR_SIZE + capacity),
+                   shm.create_semaphore(shm.name(pipe_id, pid, f"lock{tag}"), 1),
+                   shm.create_semaphore(shm.name(pipe_id, pid, f"space{tag}"), 0), depth, policy)
+
+    @property
+    def capacity(self) -> int:
+        return self._cap - _LEN.size
+
+    def _write(self, pos: int, data: bytes) -> None:
+        start = pos % self._cap
+        first = min(len(data), self._cap - start)
+        view = memoryview(data)
+        self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + first] = view[:first]
+        if first < len(data):
+            self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + len(data) - first] = view[first:]
+
+    def _read(self, pos: int, size: int) -> bytes:
+        start = pos % self._cap
+        first = min(size, self._cap - start)
+        data = self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + first]
+        if first < size:
+            data += self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + size - first]
+        return data
+
+    def _pop(self, tail: int) -> Tuple[bytes, int]:
+        size = _LEN.unpack(self._read(tail, _LEN.size))[0]
+        return self._read(tail + _LEN.size, size), tail + _LEN.size + size
+
+    def put(self, payload: bytes, on_drop: Callable[[bytes], None], should_stop: Callable[[], bool]) -> None:
+        """Append a record; under ``latest`` drop the oldest ones to make room."""
+        need = _LEN.size + len(payload)
+        if need > self._cap:
+            raise TransportError(
+                f"a message of {len(payload)} bytes is larger than the wire's ring ({self.capacity} bytes): "
+                "send large data as contiguous numpy arrays (they go through the pool) or raise the "
+                "ring size with Pipe(ring_capacity=...)")
+        while True:
+            self._lock.acquire()
+            try:
+                head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
+                full = count >= self._depth or self._cap - (head - tail) < need
+                if full and self._block:
+                    _RING_HDR.pack_into(self._mm, 0, head, tail, count, 1, dropped)
+                else:
+                    while full:
+                        record, tail = self._pop(tail)
+                        count -= 1
+                        dropped += 1
+                        on_drop(record)
+                        full = count >= self._depth or self._cap - (head - tail) < need
+                    self._write(head, _LEN.pack(len(payload)))
+                    self._write(head + _LEN.size, payload)
+                    _RING_HDR.pack_into(self._mm, 0, head + need, tail, count + 1, 0, dropped)
+                    return
+            finally:
+                self._lock.release()
+            _wait(self._space, should_stop)
+
+    def get(self) -> Optional[bytes]:
+        """Pop the oldest record, or None if there is none."""
+        self._lock.acquire()
+        try:
+            head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
+            if not count:
+                return None
+            record, tail = self._pop(tail)
+            _RING_HDR.pack_into(self._mm, 0, head, tail, count - 1, 0, dropped)
+        finally:
+            self._lock.release()
+        if waiting:
+            self._space.release()
+        return record
+
+    def count_drop(self) -> None:
+        """Count a message that never entered the ring (pool exhausted under ``latest``)."""
+        self._lock.acquire()
+        try:
+            head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
+            _RING_HDR.pack_into(self._mm, 0, head, tail, count, waiting, dropped + 1)
+        finally:
+            self._lock.release()
+
+    def stats(self) -> Tuple[int, int]:
+        """(messages waiting, messages dropped so far)."""
+        _, _, count, _, dropped = _RING_HDR.unpack_from(self._mm, 0)
+        return count, dropped
+
+
+_POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
+_MSG = struct.Struct("<IH")  # producer pid, number of pool references
+_REF = struct.Struct("<HIQ")  # slot, generation, bytes
+
+
+class Pool:
+    """Shared-memory slots for one wire's large buffers.
+
+    The header (flags, one byte per slot and receiver: 1 = released) is made by
+    the daemon; the slots' segments are made by the producer flow, sized to the
+    largest buffer seen, and named with its pid so a dead flow's are found.
+    """
+
+    def __init__(self, pipe_id: str, tag: str, slots: int, receivers: int) -> None:
+        pid = os.getpid()
+        self._pipe_id = pipe_id
+        self._tag = tag
+        self._slots = slots
+        self._receivers = receivers
+        self._hdr = shm.create_segment(shm.name(pipe_id, pid, f"pool{tag}"), _POOL_HDR_SIZE + slots * receivers)
+        self._hdr[_POOL_HDR_SIZE:] = b"\x01" * (slots * receivers)
+        self._released = shm.create_semaphore(shm.name(pipe_id, pid, f"released{tag}"), 0)
+        self._free = b"\x01" * receivers
+        self._held = b"\x00" * receivers
+        self._segments: Dict[int, Tuple[int, int, mmap.mmap]] = {}
+        self._next = 0
+        self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap]] = {}
+
+    def _segment_name(self, pid: int, slot: int, gen: int) -> str:
+        return shm.name(self._pipe_id, pid, f"w{self._tag}s{slot}g{gen}")
+
+    def _find_free(self) -> Optional[int]:
+        width = self._receivers
+        for k in range(self._slots):
+            slot = (self._next + k) % self._slots
+            off = _POOL_HDR_SIZE + slot * width
+            if self._hdr[off:off + width] == self._free:
+                return slot
+        return None
+
+    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
+        """Copy ``raw`` into a free slot held by every receiver; its reference, or None if full."""
+        slot = self._find_free()
+        while slot is None:
+            if not block:
+                return None
+            self._hdr[0:4] = b"\x01\x00\x00\x00"
+            slot = self._find_free()
+            if slot is None:
+                _wait(self._released, should_stop)
+                slot = self._find_free()
+        self._hdr[0:4] = b"\x00\x00\x00\x00"
+        size = raw.nbytes
+        gen, capacity, mm = self._segments.get(slot, (0, 0, None))
+        if capacity < size:
+            if mm is not None:
+                mm.close()
+                posix_ipc.unlink_shared_memory(self._segment_name(os.getpid(), slot, gen))
+            gen += 1
+            capacity = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+            mm = shm.create_segment(self._segment_name(os.getpid(), slot, gen), capacity)
+            self._segments[slot] = (gen, capacity, mm)
+        mm[0:size] = raw
+        off = _POOL_HDR_SIZE + slot * self._receivers
+        self._hdr[off:off + self._receivers] = self._held
+        self._next = slot + 1
+        return _REF.pack(slot, gen, size)
+
+    def release(self, slot: int, receiver: int) -> None:
+        """Mark ``slot`` released by ``receiver`` and wake an owner waiting for room."""
+        self._hdr[_POOL_HDR_SIZE + slot * self._receivers + receiver] = 1
+        if self._hdr[0]:
+            self._released.release()
+
+    def release_all(self, receiver: int) -> None:
+        """Release every slot ``receiver`` holds (it died, or will never read them)."""
+        for slot in range(self._slots):
+            self.release(slot, receiver)
+
+    def unstore(self, ref: bytes) -> None:
+        """Give back a slot that ``store`` filled but no receiver will see."""
+        slot = _REF.unpack(ref)[0]
+        for receiver in range(self._receivers):
+            self.release(slot, receiver)
+
+    def view(self, pid: int, slot: int, gen: int, size: int, receiver: int) -> memoryview:
+        """A read-only view of a slot that releases it when the last array using it is gone."""
+        cached = self._views.get((pid, slot))
+        if cached is None or cached[0] != gen:
+            cached = (gen, shm.open_segment(self._segment_name(pid, slot, gen)))
+            self._views[(pid, slot)] = cached
+        buffer = memoryview(cached[1])[:size].toreadonly()
+        weakref.finalize(buffer, self.release, slot, receiver)
+        return buffer
+
+
+def _refs(record: bytes) -> List[Tuple[int, int, int]]:
+    _, count = _MSG.unpack_from(record, 0)
+    return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
+
+
+def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
+           routine: str) -> Optional[bytes]:
+    """One record for every remote receiver of a wire, or None if the pool is full (``latest``)."""
+    big: list = []
+    keep_inline = (lambda b: True) if pool is None else (lambda b: b.raw().nbytes < OOB_MIN or big.append(b))
+    try:
+        body = pickle.dumps(obj, protocol=5, buffer_callback=keep_inline)
+    except Exception as exc:
+        raise TransportError(
+            f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
+            f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
+    refs = []
+    for buf in big:
+        ref = pool.store(buf.raw(), block, should_stop)
+        if ref is None:
+            for held in refs:
+                pool.unstore(held)
+            return None
+        refs.append(ref)
+    return _MSG.pack(os.getpid(), len(refs)) + b"".join(refs) + body
+
+
+def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
+    """The object in ``record``; its large buffers are read-only views of the pool."""
+    refs = _refs(record)
+    buffers = [pool.view(_MSG.unpack_from(record, 0)[0], slot, gen, size, receiver)
+               for slot, gen, size in refs]
+    return pickle.loads(memoryview(record)[_MSG.size + len(refs) * _REF.size:], buffers=buffers)
+
+
+class RingReader:
+    """The consumer's end of one ShmRing."""
+
+    def __init__(self, ring: ShmRing, pool: Optional[Pool], receiver: int) -> None:
+        self._ring = ring
+        self._pool = pool
+        self._receiver = receiver
+
+    def poll(self) -> object:
+        record = self._ring.get()
+        if record is None:
+            return EMPTY
+        return decode(record, self._pool, self._receiver)
+
+    def depth(self) -> int:
+        return self._ring.stats()[0]
+
+
+class RemoteTarget:
+    """The producer's end of one ShmRing: the ring, its consumer's doorbell and index."""
+
+    def __init__(self, ring: ShmRing, bell: Doorbell, receiver: int) -> None:
+        self.ring = ring
+        self.bell = bell
+        self.receiver = receiver
+
+
+class WireSender:
+    """Sends one routine's outputs over one wire to all of its destinations."""
+
+    def __init__(self, routine: str, block: bool, local: Sequence[LocalChannel],
+                 remote: Sequence[RemoteTarget], pool: Optional[Pool]) -> None:
+        self._routine = routine
+        self._block = block
+        self._local = list(local)
+        self._remote = list(remote)
+        self._pool = pool
+
+    def send(self, obj: object, should_stop: Callable[[], bool]) -> None:
+        if self._remote:
+            record = encode(obj, self._pool, self._block, should_stop, self._routine)
+            for target in self._remote:
+                if record is None:
+                    target.ring.count_drop()
+                    continue
+                target.ring.put(record, self._drop_handler(target.receiver), should_stop)
+                target.bell.release()
+        for channel in self._local:
+            channel.put(obj, should_stop)
+
+    def _drop_handler(self, receiver: int) -> Callable[[bytes], None]:
+        pool = self._pool
+        if pool is None:
+            return lambda record: None
+        return lambda record: [pool.release(slot, receiver) for slot, _, _ in _refs(record)]
+
+
+class Inbox:
+    """Everything a routine waits on: its inputs and its doorbell."""
+
+    def __init__(self, bell: Doorbell, readers: Sequence[object] = ()) -> None:
+        self.bell = bell
+        self.readers: List[object] = list(readers)
+        self._turn = 0
+
+    def poll(self) -> object:
+        """The next waiting message, taking inputs in turn, or EMPTY."""
+        readers = self.readers
+        n = len(readers)
+        for k in range(n):
+            obj = readers[(self._turn + k) % n].poll()
+            if obj is not EMPTY:
+                self._turn = (self._turn + k + 1) % n
+                return obj
+        return EMPTY
+
+    def next(self) -> object:
+        """A message, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
+        obj = self.poll()
+        if obj is EMPTY:
+            self.bell.acquire()
+            obj = self.poll()
+        return obj
