@@ -121,6 +121,7 @@ def main():
     wires = _wire_status(pipe)
     if wires is not None:
         result["wires"] = wires
+    result["shm_leftovers"] = _shm_leftovers(getattr(pipe, "id", None))
     common.emit(result)
     shutil.rmtree(out_dir, ignore_errors=True)
     if info["shutdown"] == "hung":
@@ -133,6 +134,19 @@ def _wire_status(pipe):
         return pipe.status().get("wires")
     except Exception:  # the report must not fail on a status() quirk
         return None
+
+
+def _shm_leftovers(pipe_id, grace=3.0):
+    """Names in /dev/shm of this pipe still there ``grace`` s after join()."""
+    if not pipe_id:
+        return None
+    prefix = "pipert_%s_" % pipe_id
+    deadline = time.perf_counter() + grace
+    while True:
+        left = sorted(e for e in os.listdir("/dev/shm") if prefix in e)
+        if not left or time.perf_counter() > deadline:
+            return left
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

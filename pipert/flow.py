@@ -157,7 +157,7 @@ class _Runner:
                 error = f"{handler.__name__}: {exc!r}"
         if event.name == KILL_EVENT_NAME:
             self._cleanup()
-        self.flow.ack(event.id, self.routine.name, error)
+        self.flow.ack(event.id, self.routine.name, error, self.counters())
         return event.name != KILL_EVENT_NAME
 
     def _cleanup(self) -> None:
@@ -211,8 +211,9 @@ class _FlowProcess:
             except OSError:
                 pass
 
-    def ack(self, event_id: int, routine: str, error: Optional[str]) -> None:
-        self.send(("ack", event_id, routine, error))
+    def ack(self, event_id: int, routine: str, error: Optional[str], counters: Dict[str, Any]) -> None:
+        """Report that ``routine`` handled an event, with its state right after it."""
+        self.send(("ack", event_id, routine, error, counters))
 
     def notify_event(self, name: str, targets: Optional[dict], params: dict) -> None:
         if self.pipe._resolve(name, targets, params, strict=False):

@@ -85,6 +85,7 @@ class _FlowState:
     def __init__(self) -> None:
         self.pid: Optional[int] = None
         self.conn: Optional[Connection] = None
+        self.reader: Optional[threading.Thread] = None
         self.send_lock = threading.Lock()
         self.ready = threading.Event()
         self.alive = False
@@ -311,8 +312,9 @@ class Pipe:
         state.alive = True
         self._zygote.spawn(flow, theirs.fileno())
         theirs.close()
-        threading.Thread(target=self._read_flow, args=(flow, state.conn), name=f"pipert-{flow}-reader",
-                         daemon=True).start()
+        state.reader = threading.Thread(target=self._read_flow, args=(flow, state.conn),
+                                        name=f"pipert-{flow}-reader", daemon=True)
+        state.reader.start()
 
     # ----- messages from flows and the zygote -----
 
@@ -322,14 +324,17 @@ class Pipe:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
+                conn.close()
                 return
             kind = message[0]
             if kind == "ack":
+                state.routines.setdefault(message[2], {}).update(message[4])
                 result = self._results.get(message[1])
                 if result is not None:
                     result._ack(message[2], message[3])
             elif kind == "status":
-                state.routines, state.channels = message[2], message[3]
+                state.routines.update(message[2])
+                state.channels = message[3]
             elif kind == "log":
                 record = logging.makeLogRecord(message[1])
                 logging.getLogger(record.name).handle(record)
@@ -513,8 +518,8 @@ class Pipe:
         if self._zygote is not None:
             self._zygote.stop()
         for state in self._states.values():
-            if state.conn is not None:
-                state.conn.close()
+            if state.reader is not None:
+                state.reader.join(2.0)
         shm.unlink_owned(self.id)
         atexit.unregister(self._shutdown)
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():

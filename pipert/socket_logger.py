@@ -46,8 +46,9 @@ URL_VARIABLE = "SOCKET_LOGGER_URL"
 _log = logging.getLogger(__name__)
 _transport_log = logging.getLogger(f"{__name__}.transport")
 if _transport_log.level == logging.NOTSET:
-    # socket.io reports every failed attempt at INFO; our own warnings say it once.
-    _transport_log.setLevel(logging.WARNING)
+    # socket.io warns even about a clean disconnect; the handler's own warnings tell
+    # what matters (unreachable, lost, dropped). Lower this level to debug the transport.
+    _transport_log.setLevel(logging.ERROR)
 
 _NOT_FORWARDED = ("pipert.socket_logger", "socketio", "engineio", "requests", "urllib3",
                   "websocket", "charset_normalizer")

@@ -1,0 +1,106 @@
+"""Routines and waits shared by the tests; results cross processes through files."""
+import json
+import os
+import time
+
+import numpy as np
+
+from pipert import DestinationRoutine, MiddleRoutine, SourceRoutine, events
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def read_lines(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+class Counter(SourceRoutine):
+    """Emits {"n": 1, 2, ...}, optionally with a numpy frame, at most ``limit`` times."""
+
+    def __init__(self, limit=None, frame_shape=None, period=0.0, name=None):
+        super().__init__(name)
+        self.limit = limit
+        self.frame_shape = frame_shape
+        self.period = period
+
+    def setup(self):
+        self.n = 0
+
+    def main_logic(self):
+        if self.limit is not None and self.n >= self.limit:
+            time.sleep(0.01)
+            return None
+        if self.period:
+            time.sleep(self.period)
+        self.n += 1
+        message = {"n": self.n, "source": self.name}
+        if self.frame_shape is not None:
+            frame = np.full(self.frame_shape, self.n % 251, dtype=np.uint8)
+            message["frame"] = frame
+        return message
+
+
+class AddOne(MiddleRoutine):
+    def main_logic(self, data):
+        return dict(data, n=data["n"] + 1, via=self.name)
+
+
+class Recorder(DestinationRoutine):
+    """Appends one JSON line per message (numpy arrays summarised) to ``path``."""
+
+    def __init__(self, path, name=None):
+        super().__init__(name)
+        self.path = path
+
+    def setup(self):
+        self.file = open(self.path, "a", buffering=1)
+
+    def main_logic(self, data):
+        record = {"routine": self.name}
+        for key, value in data.items():
+            if isinstance(value, np.ndarray):
+                record[key] = {"shape": list(value.shape), "sum": int(value.sum()),
+                               "writeable": bool(value.flags.writeable)}
+            else:
+                record[key] = value
+        self.file.write(json.dumps(record, default=str) + "\n")
+
+    def cleanup(self):
+        self.file.write(json.dumps({"routine": self.name, "cleanup": True}) + "\n")
+        self.file.close()
+
+
+class EventLog(SourceRoutine):
+    """A slow source whose handlers append what they received to ``path``."""
+
+    def __init__(self, path, name=None):
+        super().__init__(name)
+        self.path = path
+
+    def main_logic(self):
+        time.sleep(0.01)
+        return {"n": 0}
+
+    def _write(self, **record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(record, routine=self.name)) + "\n")
+
+    @events("PING")
+    def ping(self, value=None):
+        self._write(event="PING", value=value)
+
+    @events("FORWARD")
+    def forward(self, target_flow, target_routine):
+        self.notify_event("PING", {target_flow: [target_routine]}, value=f"from {self.name}")
