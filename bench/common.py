@@ -83,24 +83,21 @@ class Schedule:
     """
 
     def __init__(self, phases, end_period=0.05):
-        self.phases = phases
-        self.end_period = end_period
-        self.t0 = None
+        self.phases = list(phases) + [(END_TAG, float("inf"), end_period)]
+        self.index = 0
+        self.phase_end = None
         self.next_tick = None
         self.sent = {}
 
     def next_tag(self):
         """Sleep if the current phase is paced, then return its tag."""
         now = time.perf_counter()
-        if self.t0 is None:
-            self.t0 = now
-        elapsed = now - self.t0
-        tag, period = END_TAG, self.end_period
-        for name, seconds, phase_period in self.phases:
-            if elapsed < seconds:
-                tag, period = name, phase_period
-                break
-            elapsed -= seconds
+        if self.phase_end is None:
+            self.phase_end = now + self.phases[0][1]
+        while now >= self.phase_end:
+            self.index += 1
+            self.phase_end += self.phases[self.index][1]
+        tag, _, period = self.phases[self.index]
         if period:
             if self.next_tick is None or self.next_tick < now - period:
                 self.next_tick = now
@@ -210,7 +207,7 @@ class Recorder:
                 "lat_min_us": float(lat.min() * 1e6) if len(lat) else None,
                 "lat_negative": int((lat < 0).sum()),
             }
-            if tags[tag]["lat_negative"]:
+            if tags[tag]["lat_negative"]:  # clocks not comparable: a broken measurement
                 self.error("%d negative latencies in %s" % (tags[tag]["lat_negative"], tag))
         return {
             "name": self.name,

@@ -207,7 +207,7 @@ def _fmt(value, unit=""):
     if value is None:
         return "—"
     if unit == "us":
-        return "%.0f µs" % value if value < 10000 else "%.1f ms" % (value / 1000)
+        return "%.0f µs" % value if value < 1000 else "%.2f ms" % (value / 1000)
     if unit == "%":
         return "%.1f %%" % value
     if unit == "x":
@@ -319,6 +319,7 @@ def main():
     print("Machine: %s, %d cores (%d usable), Python %s, numpy %s, Linux %s"
           % (info["cpu"], info["cores"], info["usable_cores"], info["python"], info["numpy"], info["kernel"]))
     print("Mode: %s" % ("quick smoke run (not for figures)" if args.quick else "full"))
+    load_start = os.getloadavg()[0]
     sys.stdout.flush()
 
     failures, warnings, results = [], [], {}
@@ -354,6 +355,11 @@ def main():
                             % (impl, label, len(result["shm_leftovers"]), result["shm_leftovers"][:3]))
 
     report(results, copy_s, args)
+    load_end = os.getloadavg()[0]
+    if max(load_start, load_end) > 0.5 and not args.only:
+        warnings.append("load average %.2f before, %.2f after the bench (its own included): other processes"
+                        " may have competed for the %d cores; figures are noisy" % (load_start, load_end,
+                                                                                     info["usable_cores"]))
     if warnings:
         print()
         print("Warnings")

@@ -254,8 +254,8 @@ class Pipe:
                 if destination in remote_destinations:
                     receiver = remote_destinations.index(destination)
                     ring = ShmRing.create(self.id, f"{index}_{receiver}", self._ring_capacity, wire.depth, wire.policy)
-                    remote.append(RemoteTarget(ring, plan.inbox.bell, receiver))
-                    plan.inbox.readers.append(RingReader(ring, pool, receiver))
+                    remote.append(RemoteTarget(ring, plan.inbox.bell, receiver, pool))
+                    plan.inbox.readers.append(RingReader(ring, pool, receiver, wire.policy))
                     self._remote.append((source, destination.name, ring))
                 else:
                     channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)

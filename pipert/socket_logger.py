@@ -28,11 +28,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from functools import lru_cache
-from typing import Any
 from urllib.parse import urlsplit
 
 import dotenv
@@ -59,7 +58,11 @@ _COCKPIT_LEVELS = ((PIPE_INFRASTRUCTURE, "PIPE_INFRASTRUCTURE"), (logging.DEBUG,
                    (logging.ERROR, "ERROR"), (logging.CRITICAL, "ERROR"))
 """The cockpit stores records per level and knows only these (CRITICAL becomes ERROR)."""
 
-_POLL_SECONDS = 0.1
+_Record = tuple[float, str, str, str]
+"""A queued log record: created, source, cockpit level, formatted message."""
+
+_IDLE_SECONDS = 0.25
+"""How often an idle sending thread checks that its connection is still up."""
 _warned_no_url = False
 
 
@@ -113,13 +116,14 @@ def _cockpit_url(url: str) -> str:
 class CockpitHandler(logging.Handler):
     """Sends records to the cockpit as socket.io ``log`` events, dropping what it cannot send.
 
-    ``emit`` never blocks and never raises: it queues the formatted record, or
-    drops it if ``queue_size`` records are already waiting. A daemon thread,
-    started on first use, connects to ``url`` and sends. When the cockpit is
-    down, queued and new records are dropped and the connection is retried
-    after ``backoff_initial`` seconds, doubling up to ``backoff_max``. When
-    the cockpit is slow, at most ``queue_size`` records wait inside socket.io
-    as well; the rest are dropped.
+    ``emit`` never blocks and never raises: it formats the record and appends it
+    to a bounded in-memory queue, or drops it if ``queue_size`` records are
+    already waiting. A daemon thread, started on first use, connects to ``url``
+    and sends. When the cockpit is down, what is queued is dropped and the
+    connection is retried after ``backoff_initial`` seconds, doubling up to
+    ``backoff_max``; records logged before the first connection attempt are
+    kept for it. When the cockpit is slow, at most ``queue_size`` records wait
+    inside socket.io as well; the rest are dropped.
 
     ``sent`` counts records handed to a connected socket.io client (records
     handed over just before a connection breaks are lost without being counted
@@ -150,9 +154,13 @@ class CockpitHandler(logging.Handler):
 
     def _start_process(self, pid: int) -> None:
         """Fresh per-process state: the first use in a forked child calls this again,
-        because the parent's thread, queue and connection do not exist there."""
+        because the parent's thread and connection do not exist there."""
         self._pid = pid
-        self._queue: queue.Queue[tuple[str, str]] = queue.Queue(self._queue_size)
+        # A deque, not a queue.Queue: appending takes no lock and wakes no thread,
+        # so a burst of records costs the emitting thread next to nothing. The
+        # sending thread does the JSON encoding, and only for records it sends.
+        self._records: deque[_Record] = deque()
+        self._wake = threading.Event()  # set when records arrive in an empty queue
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dropped_full = 0  # counted under self.lock by emitting threads
@@ -175,11 +183,11 @@ class CockpitHandler(logging.Handler):
         if name in _NOT_FORWARDED or name.startswith(_NOT_FORWARDED_PREFIXES):
             return
         try:
-            payload = _payload(record.created, name, _cockpit_level(record), self.format(record))
+            message = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        self._put(("log", payload))
+        self._put((record.created, name, _cockpit_level(record), message))
 
     def send_pipe_creation(self, structure: dict) -> None:
         """Announce the pipe's ``structure`` to the cockpit, now and after every reconnection.
@@ -194,27 +202,28 @@ class CockpitHandler(logging.Handler):
                 self._start_process(os.getpid())
             self._structure = payload
             self._ensure_thread()
+        self._wake.set()
 
-    def _put(self, item: tuple[str, str]) -> None:
+    def _put(self, item: _Record) -> None:
         with self.lock:
             if self._pid != os.getpid():
                 self._start_process(os.getpid())
                 self._structure = None  # the parent process announces the pipe
-            if not self._ensure_thread():
+            if not self._ensure_thread() or len(self._records) >= self._queue_size:
                 self._dropped_full += 1
                 return
-            try:
-                self._queue.put_nowait(item)
-            except queue.Full:
-                self._dropped_full += 1
+            self._records.append(item)
+        if not self._wake.is_set():
+            self._wake.set()
 
     def _ensure_thread(self) -> bool:
         """Start the sending thread if it is not running; False once closed. Needs self.lock."""
         if self._closed:
             return False
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, args=(self._queue, self._stop),
-                                            name="pipert-cockpit-logger", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(self._records, self._wake, self._stop),
+                name="pipert-cockpit-logger", daemon=True)
             self._thread.start()
         return True
 
@@ -224,6 +233,7 @@ class CockpitHandler(logging.Handler):
         with self.lock:
             self._closed = True
             self._stop.set()
+            self._wake.set()
             thread = self._thread if self._pid == os.getpid() else None
         if thread is not None and thread is not threading.current_thread():
             thread.join(self._flush_timeout + 0.5)
@@ -232,7 +242,8 @@ class CockpitHandler(logging.Handler):
     # The sending thread. It never takes self.lock: logging.shutdown() holds that
     # lock while it waits in close() for this thread to finish.
 
-    def _run(self, records: queue.Queue[tuple[str, str]], stop: threading.Event) -> None:
+    def _run(self, records: deque[_Record], wake: threading.Event,
+             stop: threading.Event) -> None:
         client: socketio.Client | None = None
         announced: str | None = None  # the structure payload this connection has sent
         backoff = self._backoff_initial
@@ -246,7 +257,8 @@ class CockpitHandler(logging.Handler):
                 if client is None:
                     failures += 1
                     self._log_failure(failures, backoff)
-                    self._discard_for(backoff, records, stop)
+                    stop.wait(backoff)
+                    self._drop_queued(records)
                     backoff = min(backoff * 2, self._backoff_max)
                     continue
                 self._log_connected(failures)
@@ -255,13 +267,13 @@ class CockpitHandler(logging.Handler):
             if not alive:
                 client = self._lost(client)
                 continue
-            try:
-                event, payload = records.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
+            if not records:
+                wake.wait(_IDLE_SECONDS)
+                wake.clear()  # before looking at the queue again: no arrival goes unnoticed
                 if not client.connected:
                     client = self._lost(client)
                 continue
-            if not self._deliver(client, event, payload):
+            if not self._send_log(client, records.popleft()):
                 client = self._lost(client)
         self._flush(client, announced, records)
 
@@ -284,18 +296,18 @@ class CockpitHandler(logging.Handler):
         structure = self._structure
         if structure is None or structure is announced:
             return True, announced
-        return self._deliver(client, "pipe_creation", structure, bounded=False), structure
+        return self._emit(client, "pipe_creation", structure), structure
 
-    def _deliver(self, client: socketio.Client, event: str, payload: str,
-                 bounded: bool = True) -> bool:
-        """Hand one record to socket.io; False if the connection is gone.
-
-        A ``bounded`` record is dropped if ``queue_size`` packets already wait in
-        socket.io (the cockpit is too slow); the pipe structure never is.
-        """
-        if bounded and _backlog(client) >= self._queue_size:
+    def _send_log(self, client: socketio.Client, record: _Record) -> bool:
+        """Send one record unless ``queue_size`` packets already wait in socket.io (the
+        cockpit is too slow: it is dropped); False if the connection is gone."""
+        if _backlog(client) >= self._queue_size:
             self._dropped_unsent += 1
             return True
+        return self._emit(client, "log", _payload(*record))
+
+    def _emit(self, client: socketio.Client, event: str, payload: str) -> bool:
+        """Hand one payload to socket.io; False if the connection is gone."""
         try:
             client.emit(event, payload)
         except Exception:
@@ -311,38 +323,27 @@ class CockpitHandler(logging.Handler):
         _disconnect(client)
         return None
 
-    def _discard_for(self, seconds: float, records: queue.Queue[tuple[str, str]],
-                     stop: threading.Event) -> None:
-        """Wait ``seconds`` (less if stopped), dropping every record that arrives meanwhile."""
-        deadline = time.monotonic() + seconds
-        while not stop.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                records.get(timeout=min(remaining, _POLL_SECONDS))
-            except queue.Empty:
-                continue
+    def _drop_queued(self, records: deque[_Record]) -> None:
+        for _ in range(len(records)):
+            records.popleft()
             self._dropped_unsent += 1
 
     def _flush(self, client: socketio.Client | None, announced: str | None,
-               records: queue.Queue[tuple[str, str]]) -> None:
+               records: deque[_Record]) -> None:
         """On close: send what is queued (connecting if need be) until ``flush_timeout``."""
         deadline = time.monotonic() + self._flush_timeout
-        if client is None and not records.empty():
+        if client is None and records:
             client = self._connect(max(0.1, min(self._connect_timeout, self._flush_timeout)))
             announced = None
         if client is None:
+            self._drop_queued(records)
             return
         delivering, _ = self._announce(client, announced)
-        while delivering and time.monotonic() < deadline:
-            try:
-                event, payload = records.get_nowait()
-            except queue.Empty:
-                break
-            delivering = self._deliver(client, event, payload)
+        while delivering and records and time.monotonic() < deadline:
+            delivering = self._send_log(client, records.popleft())
         while delivering and _backlog(client) and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._drop_queued(records)
         _disconnect(client)
 
     def _log_failure(self, failures: int, backoff: float) -> None:

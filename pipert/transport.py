@@ -16,6 +16,7 @@ an idle routine burns no CPU.
 from __future__ import annotations
 
 import collections
+import ctypes
 import mmap
 import os
 import pickle
@@ -91,16 +92,18 @@ class LocalChannel:
         return len(self._queue)
 
 
-_RING_HDR = struct.Struct("<QQIIQ")  # head, tail, count, producer waiting, dropped
+_RING_HDR = struct.Struct("=QQIIQ")  # head, tail, count, producer waiting, dropped
 _RING_HDR_SIZE = 64
-_LEN = struct.Struct("<I")
+_LEN = struct.Struct("=I")
 
 
 class ShmRing:
-    """A bounded queue of byte records from one producer to one consumer process.
+    """A bounded queue of length-prefixed records from one producer to one consumer process.
 
     The header and the records are guarded by a semaphore used as a mutex; the
-    ``space`` semaphore wakes a producer that waits under the ``block`` policy.
+    ``space`` semaphore wakes a producer that waits under the ``block`` policy
+    once the consumer has emptied half of the ring, so a fast producer and a
+    slower consumer do not wake each other for every message.
     """
 
     def __init__(self, mm: mmap.mmap, lock: posix_ipc.Semaphore, space: posix_ipc.Semaphore,
@@ -110,6 +113,7 @@ class ShmRing:
         self._lock = lock
         self._space = space
         self._depth = depth
+        self._wake_at = depth // 2
         self._block = policy == BLOCK
 
     @classmethod
@@ -121,7 +125,8 @@ class ShmRing:
 
     @property
     def capacity(self) -> int:
-        return self._cap - _LEN.size
+        """The largest record the ring can ever hold, in bytes."""
+        return self._cap
 
     def _write(self, pos: int, data: bytes) -> None:
         start = pos % self._cap
@@ -133,60 +138,69 @@ class ShmRing:
 
     def _read(self, pos: int, size: int) -> bytes:
         start = pos % self._cap
-        first = min(size, self._cap - start)
-        data = self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + first]
-        if first < size:
-            data += self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + size - first]
-        return data
+        if start + size <= self._cap:
+            return self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + size]
+        first = self._cap - start
+        return self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + self._cap] + \
+            self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + size - first]
 
     def _pop(self, tail: int) -> Tuple[bytes, int]:
         size = _LEN.unpack(self._read(tail, _LEN.size))[0]
-        return self._read(tail + _LEN.size, size), tail + _LEN.size + size
+        return self._read(tail, size), tail + size
 
-    def put(self, payload: bytes, on_drop: Callable[[bytes], None], should_stop: Callable[[], bool]) -> None:
-        """Append a record; under ``latest`` drop the oldest ones to make room."""
-        need = _LEN.size + len(payload)
+    def put(self, record: bytes, on_drop: Callable[[bytes], None], should_stop: Callable[[], bool]) -> None:
+        """Append ``record`` (it starts with its own length); under ``latest`` drop the oldest to make room."""
+        need = len(record)
         if need > self._cap:
             raise TransportError(
-                f"a message of {len(payload)} bytes is larger than the wire's ring ({self.capacity} bytes): "
-                "send large data as contiguous numpy arrays (they go through the pool) or raise the "
-                "ring size with Pipe(ring_capacity=...)")
+                f"a message of {need} bytes is larger than the wire's ring ({self._cap} bytes): send large "
+                "data as contiguous numpy arrays (they go through the pool) or raise Pipe(ring_capacity=...)")
+        mm, cap, lock = self._mm, self._cap, self._lock
         while True:
-            self._lock.acquire()
+            lock.acquire()
             try:
-                head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
-                full = count >= self._depth or self._cap - (head - tail) < need
+                head, tail, count, waiting, dropped = _RING_HDR.unpack_from(mm, 0)
+                full = count >= self._depth or cap - (head - tail) < need
                 if full and self._block:
-                    _RING_HDR.pack_into(self._mm, 0, head, tail, count, 1, dropped)
+                    _RING_HDR.pack_into(mm, 0, head, tail, count, 1, dropped)
                 else:
                     while full:
-                        record, tail = self._pop(tail)
+                        dropped_record, tail = self._pop(tail)
                         count -= 1
                         dropped += 1
-                        on_drop(record)
-                        full = count >= self._depth or self._cap - (head - tail) < need
-                    self._write(head, _LEN.pack(len(payload)))
-                    self._write(head + _LEN.size, payload)
-                    _RING_HDR.pack_into(self._mm, 0, head + need, tail, count + 1, 0, dropped)
+                        on_drop(dropped_record)
+                        full = count >= self._depth or cap - (head - tail) < need
+                    start = head % cap
+                    if start + need <= cap:
+                        mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + need] = record
+                    else:
+                        self._write(head, record)
+                    _RING_HDR.pack_into(mm, 0, head + need, tail, count + 1, waiting, dropped)
                     return
             finally:
-                self._lock.release()
+                lock.release()
             _wait(self._space, should_stop)
 
-    def get(self) -> Optional[bytes]:
-        """Pop the oldest record, or None if there is none."""
-        self._lock.acquire()
+    def get(self, most: int = 1) -> List[bytes]:
+        """Pop up to ``most`` of the oldest records (with their length prefix), oldest first."""
+        mm, lock = self._mm, self._lock
+        lock.acquire()
         try:
-            head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
-            if not count:
-                return None
-            record, tail = self._pop(tail)
-            _RING_HDR.pack_into(self._mm, 0, head, tail, count - 1, 0, dropped)
+            head, tail, count, waiting, dropped = _RING_HDR.unpack_from(mm, 0)
+            records = []
+            while count and len(records) < most:
+                record, tail = self._pop(tail)
+                records.append(record)
+                count -= 1
+            if not records:
+                return records
+            wake = waiting and count <= self._wake_at
+            _RING_HDR.pack_into(mm, 0, head, tail, count, 0 if wake else waiting, dropped)
         finally:
-            self._lock.release()
-        if waiting:
+            lock.release()
+        if wake:
             self._space.release()
-        return record
+        return records
 
     def count_drop(self) -> None:
         """Count a message that never entered the ring (pool exhausted under ``latest``)."""
@@ -204,8 +218,8 @@ class ShmRing:
 
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
-_MSG = struct.Struct("<IH")  # producer pid, number of pool references
-_REF = struct.Struct("<HIQ")  # slot, generation, bytes
+_MSG = struct.Struct("=IIH")  # record length, producer pid, number of pool references
+_REF = struct.Struct("=HIQ")  # slot, generation, bytes
 
 
 class Pool:
@@ -294,13 +308,15 @@ class Pool:
         if cached is None or cached[0] != gen:
             cached = (gen, shm.open_segment(self._segment_name(pid, slot, gen)))
             self._views[(pid, slot)] = cached
-        buffer = memoryview(cached[1])[:size].toreadonly()
-        weakref.finalize(buffer, self.release, slot, receiver)
-        return buffer
+        # numpy keeps the object under a memoryview alive, not the memoryview
+        # itself, so the finalizer goes on a ctypes array of our own over the slot.
+        holder = (ctypes.c_char * size).from_buffer(cached[1])
+        weakref.finalize(holder, self.release, slot, receiver)
+        return memoryview(holder).toreadonly()
 
 
 def _refs(record: bytes) -> List[Tuple[int, int, int]]:
-    _, count = _MSG.unpack_from(record, 0)
+    count = _MSG.unpack_from(record, 0)[2]
     return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
 
 
@@ -308,13 +324,18 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
            routine: str) -> Optional[bytes]:
     """One record for every remote receiver of a wire, or None if the pool is full (``latest``)."""
     big: list = []
-    keep_inline = (lambda b: True) if pool is None else (lambda b: b.raw().nbytes < OOB_MIN or big.append(b))
     try:
-        body = pickle.dumps(obj, protocol=5, buffer_callback=keep_inline)
+        if pool is None:
+            body = pickle.dumps(obj, protocol=5)
+        else:
+            body = pickle.dumps(obj, protocol=5,
+                                buffer_callback=lambda b: b.raw().nbytes < OOB_MIN or big.append(b))
     except Exception as exc:
         raise TransportError(
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
+    if not big:
+        return _MSG.pack(_MSG.size + len(body), _pid[0], 0) + body
     refs = []
     for buf in big:
         ref = pool.store(buf.raw(), block, should_stop)
@@ -323,42 +344,60 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
                 pool.unstore(held)
             return None
         refs.append(ref)
-    return _MSG.pack(os.getpid(), len(refs)) + b"".join(refs) + body
+    size = _MSG.size + len(refs) * _REF.size + len(body)
+    return b"".join((_MSG.pack(size, _pid[0], len(refs)), *refs, body))
 
 
 def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
     """The object in ``record``; its large buffers are read-only views of the pool."""
-    refs = _refs(record)
-    buffers = [pool.view(_MSG.unpack_from(record, 0)[0], slot, gen, size, receiver)
-               for slot, gen, size in refs]
-    return pickle.loads(memoryview(record)[_MSG.size + len(refs) * _REF.size:], buffers=buffers)
+    _, pid, count = _MSG.unpack_from(record, 0)
+    if not count:
+        return pickle.loads(memoryview(record)[_MSG.size:])
+    buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
+               for i in range(count)]
+    return pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
+
+
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 class RingReader:
-    """The consumer's end of one ShmRing."""
+    """The consumer's end of one ShmRing.
 
-    def __init__(self, ring: ShmRing, pool: Optional[Pool], receiver: int) -> None:
+    Under ``block`` it takes every waiting record in one go (fewer lock round
+    trips while a fast producer fills the ring); under ``latest`` one at a
+    time, so that a record waiting in the ring can still be replaced by a newer one.
+    """
+
+    def __init__(self, ring: ShmRing, pool: Optional[Pool], receiver: int, policy: str) -> None:
         self._ring = ring
         self._pool = pool
         self._receiver = receiver
+        self._batch = ring._depth if policy == BLOCK else 1
+        self._taken: collections.deque = collections.deque()
 
     def poll(self) -> object:
-        record = self._ring.get()
-        if record is None:
-            return EMPTY
-        return decode(record, self._pool, self._receiver)
-
-    def depth(self) -> int:
-        return self._ring.stats()[0]
+        if not self._taken:
+            self._taken.extend(self._ring.get(self._batch))
+            if not self._taken:
+                return EMPTY
+        return decode(self._taken.popleft(), self._pool, self._receiver)
 
 
 class RemoteTarget:
     """The producer's end of one ShmRing: the ring, its consumer's doorbell and index."""
 
-    def __init__(self, ring: ShmRing, bell: Doorbell, receiver: int) -> None:
+    def __init__(self, ring: ShmRing, bell: Doorbell, receiver: int, pool: Optional[Pool]) -> None:
         self.ring = ring
         self.bell = bell
         self.receiver = receiver
+        self._pool = pool
+
+    def on_drop(self, record: bytes) -> None:
+        """A record of this receiver's was dropped unread: release its pool slots."""
+        for slot, _, _ in _refs(record):
+            self._pool.release(slot, self.receiver)
 
 
 class WireSender:
@@ -379,16 +418,10 @@ class WireSender:
                 if record is None:
                     target.ring.count_drop()
                     continue
-                target.ring.put(record, self._drop_handler(target.receiver), should_stop)
+                target.ring.put(record, target.on_drop, should_stop)
                 target.bell.release()
         for channel in self._local:
             channel.put(obj, should_stop)
-
-    def _drop_handler(self, receiver: int) -> Callable[[bytes], None]:
-        pool = self._pool
-        if pool is None:
-            return lambda record: None
-        return lambda record: [pool.release(slot, receiver) for slot, _, _ in _refs(record)]
 
 
 class Inbox:

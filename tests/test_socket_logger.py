@@ -98,7 +98,7 @@ class Cockpit:
 
     def events(self, name: str) -> list[str]:
         """Payloads of the ``name`` events received since the last start."""
-        lines = self.events_path.read_text(encoding="utf-8").splitlines()
+        lines = self.events_path.read_text(encoding="utf-8").split("\n")[:-1]  # complete lines only
         return [entry["data"] for entry in map(json.loads, lines) if entry["event"] == name]
 
     def records(self) -> list[dict]:
@@ -360,14 +360,14 @@ def test_hung_cockpit_never_slows_the_emitter(cockpit: Cockpit, loggers: list) -
     logger, handler = cockpit_logger(loggers, "pipe.hung", cockpit.url, queue_size=50)
     logger.info("ready")
     wait_for(lambda: cockpit.messages() == ["ready"])
-    frame_sized = "x" * 100_000
+    frame_sized = "x" * 100_000  # about a 640-wide JPEG frame in base64
 
     os.kill(cockpit.process.pid, signal.SIGSTOP)  # connection open, nothing read
+    wait_for(lambda: handler.dropped > 0, poke=lambda: logger.info(frame_sized))  # buffers full
     started = time.perf_counter()
     for _ in range(2_000):
         logger.info(frame_sized)
     hung_seconds = time.perf_counter() - started
-    wait_for(lambda: handler.dropped > 0)
     print(f"\n2,000 emits of 100 kB with the cockpit hung: {hung_seconds * 1000:.0f} ms; "
           f"sent {handler.sent}, dropped {handler.dropped}")
     assert hung_seconds < 1.0
