@@ -125,6 +125,21 @@ def _write_log(path, command, stdout, stderr):
         handle.write("$ %s\n--- stdout\n%s\n--- stderr\n%s\n" % (" ".join(command), text(stdout), text(stderr)))
 
 
+def _cpu_busy_s():
+    """Busy CPU seconds of the whole machine so far (from /proc/stat)."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s():
+    """CPU seconds used so far by finished children (the scenario runs)."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 # ----- figures from the results -----
 
 def _median(values):
@@ -333,10 +348,15 @@ def main():
             continue
         if impl == "pipert2" and not have_pipert2:
             continue
-        start = time.perf_counter()
+        start, busy, ours = time.perf_counter(), _cpu_busy_s(), _children_cpu_s()
         log("running %-7s %-12s ..." % (impl, label))
         result, error = run_scenario(impl, label, scenario, extra, args)
-        log("          %-7s %-12s %.0f s" % (impl, label, time.perf_counter() - start))
+        wall = time.perf_counter() - start
+        other = (_cpu_busy_s() - busy) - (_children_cpu_s() - ours)
+        log("          %-7s %-12s %.0f s" % (impl, label, wall))
+        if other / wall > 0.25:
+            warnings.append("%s %s: other processes used %.0f %% of a core meanwhile: figures are noisy"
+                            % (impl, label, 100 * other / wall))
         results[(impl, label)] = result
         if error:
             failures.append("%s %s crashed: %s" % (impl, label, error))
@@ -355,11 +375,8 @@ def main():
                             % (impl, label, len(result["shm_leftovers"]), result["shm_leftovers"][:3]))
 
     report(results, copy_s, args)
-    load_end = os.getloadavg()[0]
-    if max(load_start, load_end) > 0.5 and not args.only:
-        warnings.append("load average %.2f before, %.2f after the bench (its own included): other processes"
-                        " may have competed for the %d cores; figures are noisy" % (load_start, load_end,
-                                                                                     info["usable_cores"]))
+    if load_start > 0.5:
+        warnings.append("load average was %.2f before the bench started: figures may be noisy" % load_start)
     if warnings:
         print()
         print("Warnings")
