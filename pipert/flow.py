@@ -31,12 +31,29 @@ _PR_SET_PDEATHSIG = 1
 _log = logging.getLogger(__name__)
 
 
-class Flow:
-    """A named group of routines that runs in its own OS process."""
+RESTART_POLICIES = ("never", "on-failure", "always")
 
-    def __init__(self, name: str, routines: Sequence[Routine]) -> None:
+
+class Flow:
+    """A named group of routines that runs in its own OS process.
+
+    ``restart`` says what the daemon does when the process ends other than by
+    ``kill``: ``never``, ``on-failure`` (a non-zero exit or a signal) or
+    ``always``; at most ``max_restarts`` times within ``restart_window``
+    seconds, waiting ``restart_backoff`` seconds, doubled at each restart in
+    the window (10 s at most).
+    """
+
+    def __init__(self, name: str, routines: Sequence[Routine], restart: str = "on-failure",
+                 max_restarts: int = 5, restart_window: float = 60.0, restart_backoff: float = 0.5) -> None:
+        if restart not in RESTART_POLICIES:
+            raise ValueError(f"flow '{name}': restart policy {restart!r} is unknown: use one of {RESTART_POLICIES}")
         self.name = name
         self.routines = list(routines)
+        self.restart = restart
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.restart_backoff = restart_backoff
 
 
 @dataclass

@@ -8,6 +8,7 @@ acknowledgements, log records and counters. It never runs routines itself.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import os
@@ -15,12 +16,13 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import shm
 from .errors import BuildError, EventError
-from .events import BUILTIN_EVENTS, KILL_EVENT_NAME, check_params, handlers_of
+from .events import BUILTIN_EVENTS, KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of
 from .flow import IDLE, Flow, RoutinePlan, run_flow
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
@@ -79,10 +81,24 @@ class EventResult:
                     "pending": sorted(self._pending)}
 
 
+@dataclasses.dataclass
+class _RemoteWire:
+    """A ring between two flows, as the daemon sees it for status and recovery."""
+
+    source: str
+    destination: str
+    source_flow: str
+    destination_flow: str
+    target: RemoteTarget
+
+
 class _FlowState:
     """What the daemon knows of one flow process."""
 
     def __init__(self) -> None:
+        self.restart_times: List[float] = []
+        self.last_exit: Optional[Dict[str, Any]] = None
+        self.restarting = False
         self.pid: Optional[int] = None
         self.conn: Optional[Connection] = None
         self.reader: Optional[threading.Thread] = None
@@ -120,7 +136,8 @@ class Pipe:
         self._pool_slots = pool_slots
         self._kill_grace = kill_grace
         self._plans: Dict[str, RoutinePlan] = {}
-        self._remote: List[Tuple[str, str, ShmRing]] = []
+        self._remote: List[_RemoteWire] = []
+        self._wanted: Dict[str, str] = {}
         self._local: List[Tuple[str, str, str, str]] = []
         self._states: Dict[str, _FlowState] = {}
         self._results: Dict[int, EventResult] = {}
@@ -135,9 +152,13 @@ class Pipe:
 
     # ----- declaring the graph -----
 
-    def create_flow(self, flow_name: str, auto_wire: bool, *routines: Routine) -> Flow:
-        """Add a flow running ``routines``; with ``auto_wire`` link each to the next."""
-        flow = Flow(flow_name, routines)
+    def create_flow(self, flow_name: str, auto_wire: bool, *routines: Routine, restart: str = "on-failure",
+                    max_restarts: int = 5, restart_window: float = 60.0, restart_backoff: float = 0.5) -> Flow:
+        """Add a flow running ``routines``; with ``auto_wire`` link each to the next.
+
+        The keyword arguments set the flow's restart policy (see ``Flow``).
+        """
+        flow = Flow(flow_name, routines, restart, max_restarts, restart_window, restart_backoff)
         for routine in routines:
             if isinstance(routine, Routine):
                 routine.flow_name = flow_name
@@ -254,9 +275,11 @@ class Pipe:
                 if destination in remote_destinations:
                     receiver = remote_destinations.index(destination)
                     ring = ShmRing.create(self.id, f"{index}_{receiver}", self._ring_capacity, wire.depth, wire.policy)
-                    remote.append(RemoteTarget(ring, plan.inbox.bell, receiver, pool))
+                    target = RemoteTarget(ring, plan.inbox.bell, receiver, pool)
+                    remote.append(target)
                     plan.inbox.readers.append(RingReader(ring, pool, receiver, wire.policy))
-                    self._remote.append((source, destination.name, ring))
+                    self._remote.append(_RemoteWire(source, destination.name, flow_of[source],
+                                                    flow_of[destination.name], target))
                 else:
                     channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)
                     local.append(channel)
@@ -361,20 +384,80 @@ class Pipe:
                 self._flow_exited(report[1], report[2], report[3])
 
     def _flow_exited(self, flow: str, pid: int, code: int) -> None:
+        """A flow process ended: free its shared memory, unwedge its wires, maybe restart it."""
         state = self._states[flow]
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         with self._lock:
             state.alive = False
             state.exit_code = code
+            state.last_exit = {"pid": pid, "how": how, "time": time.time()}
             for routine in self.flows[flow].routines:
                 state.routines.setdefault(routine.name, {})["state"] = "killed" if self._killing else "dead"
         shm.unlink_owned(self.id, pid)
+        self._recover_wires(flow)
         if code != 0 or not self._killing:
-            self.logger.error("flow '%s' (pid %d) exited with code %d", flow, pid, code)
+            self.logger.error("flow '%s' (pid %d) ended: %s", flow, pid, how)
         for result in list(self._results.values()):
             for routine in self.flows[flow].routines:
-                result._ack(routine.name, f"flow '{flow}' exited (code {code})")
-        if not any(s.alive for s in self._states.values()):
+                result._ack(routine.name, f"flow '{flow}' ended ({how})")
+        if not self._killing and self._schedule_restart(flow, code):
+            return
+        if not any(s.alive or s.restarting for s in self._states.values()):
             self._all_exited.set()
+
+    def _recover_wires(self, flow: str) -> None:
+        """Make the rings of a dead flow safe: no held lock, no slot held forever, no producer
+        waiting forever for a dead consumer."""
+        for wire in self._remote:
+            target = wire.target
+            if wire.source_flow == flow:
+                target.ring.recover(True, target.on_drop, wire.destination_flow == flow)
+            elif wire.destination_flow == flow:
+                kept = target.ring.recover(False, target.on_drop, True)
+                target._pool.release_all(target.receiver, kept)
+
+    def _schedule_restart(self, flow: str, code: int) -> bool:
+        """Restart ``flow`` later if its policy and budget allow; True if scheduled."""
+        spec, state = self.flows[flow], self._states[flow]
+        if spec.restart == "never" or (spec.restart == "on-failure" and code == 0) or self._closed:
+            return False
+        now = time.monotonic()
+        state.restart_times = [t for t in state.restart_times if now - t < spec.restart_window]
+        if len(state.restart_times) >= spec.max_restarts:
+            self.logger.error("flow '%s' failed %d times within %.0f s: not restarting it again", flow,
+                              len(state.restart_times), spec.restart_window)
+            return False
+        delay = min(spec.restart_backoff * 2 ** len(state.restart_times), 10.0)
+        state.restart_times.append(now)
+        state.restarting = True
+        self.logger.warning("restarting flow '%s' in %.1f s (restart %d within %.0f s)", flow, delay,
+                            len(state.restart_times), spec.restart_window)
+        timer = threading.Timer(delay, self._restart, (flow,))
+        timer.daemon = True
+        timer.start()
+        return True
+
+    def _restart(self, flow: str) -> None:
+        state = self._states[flow]
+        try:
+            if self._closed or self._killing:
+                return
+            self._spawn(flow)
+            if not state.ready.wait(_READY_TIMEOUT):
+                self.logger.error("restarted flow '%s' did not start within %.0f s", flow, _READY_TIMEOUT)
+                return
+            state.restarts += 1
+            for wire in self._remote:
+                if wire.destination_flow == flow:
+                    wire.target.ring.consumer_back()
+            wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
+            if wanted:
+                self._dispatch(START_EVENT_NAME, {flow: wanted}, {})
+            self.logger.info("flow '%s' restarted (pid %s)", flow, state.pid)
+        finally:
+            state.restarting = False
+            if not any(s.alive or s.restarting for s in self._states.values()):
+                self._all_exited.set()
 
     # ----- events -----
 
@@ -439,6 +522,9 @@ class Pipe:
         self._results[event_id] = result
         if name == KILL_EVENT_NAME:
             self._killing = True
+        if name in (START_EVENT_NAME, STOP_EVENT_NAME):
+            for routines in targets.values():
+                self._wanted.update(dict.fromkeys(routines, name))
         for flow, routines in targets.items():
             state = self._states[flow]
             try:
@@ -477,10 +563,28 @@ class Pipe:
     # ----- ending -----
 
     def kill(self) -> None:
-        """Send ``kill`` to every running flow (returns at once; ``join`` waits for the exit)."""
+        """Send ``kill`` to every running flow and return; ``join`` waits for them to exit.
+
+        A flow that has not exited ``kill_grace`` seconds later (a routine stuck in
+        ``main_logic``) is terminated.
+        """
+        self._killing = True
         alive = {name: [] for name, state in self._states.items() if state.alive}
         if alive:
             self._dispatch(KILL_EVENT_NAME, self._resolve(KILL_EVENT_NAME, alive, {}), {})
+            timer = threading.Timer(self._kill_grace, self._terminate_stragglers)
+            timer.daemon = True
+            timer.start()
+
+    def _terminate_stragglers(self) -> None:
+        for name, state in self._states.items():
+            if state.alive and state.pid:
+                self.logger.warning("flow '%s' did not finish within %.1f s of kill (a routine stuck in "
+                                    "main_logic?): terminating it", name, self._kill_grace)
+                try:
+                    os.kill(state.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def join(self, to_kill: bool = False) -> None:
         """Wait until every flow has exited (after ``kill``); ``to_kill=True`` kills first.
@@ -505,15 +609,8 @@ class Pipe:
             self._closed = True
         if any(s.alive for s in self._states.values()):
             self.kill()
-            if not self._all_exited.wait(self._kill_grace):
-                for name, state in self._states.items():
-                    if state.alive and state.pid:
-                        self.logger.warning("flow '%s' did not finish within %.1f s of kill: terminating it",
-                                            name, self._kill_grace)
-                        try:
-                            os.kill(state.pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+            if not self._all_exited.wait(self._kill_grace + 0.5):
+                self._terminate_stragglers()
                 self._all_exited.wait(5.0)
         if self._zygote is not None:
             self._zygote.stop()
@@ -550,12 +647,14 @@ class Pipe:
                     "flow": flow.name, "state": reported.get("state", IDLE),
                     "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
                     "fps": reported.get("fps", 0.0), "error": reported.get("error")}
-        flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "exit_code": s.exit_code}
+        flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
+                        "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}
         wires = []
-        for source, destination, ring in self._remote:
-            depth, dropped = ring.stats()
-            wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
+        for wire in self._remote:
+            depth, dropped = wire.target.ring.stats()
+            wires.append({"source": wire.source, "destination": wire.destination, "depth": depth,
+                          "dropped": dropped})
         for source, destination, flow, key in self._local:
             depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
             wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})

@@ -93,7 +93,9 @@ class LocalChannel:
 
 
 _RING_HDR = struct.Struct("=QQIIQ")  # head, tail, count, producer waiting, dropped
+_RING_GONE = _RING_HDR.size  # one byte: 1 while the consumer's flow is dead
 _RING_HDR_SIZE = 64
+_RECOVERY_WAIT = 0.5  # seconds the daemon waits for a ring lock before taking it from a dead holder
 _LEN = struct.Struct("=I")
 
 
@@ -161,7 +163,7 @@ class ShmRing:
             try:
                 head, tail, count, waiting, dropped = _RING_HDR.unpack_from(mm, 0)
                 full = count >= self._depth or cap - (head - tail) < need
-                if full and self._block:
+                if full and self._block and not mm[_RING_GONE]:
                     _RING_HDR.pack_into(mm, 0, head, tail, count, 1, dropped)
                 else:
                     while full:
@@ -201,6 +203,42 @@ class ShmRing:
         if wake:
             self._space.release()
         return records
+
+    def records(self) -> List[bytes]:
+        """The waiting records, oldest first, without taking them (caller holds the lock)."""
+        head, tail, count, _, _ = _RING_HDR.unpack_from(self._mm, 0)
+        found = []
+        for _ in range(count):
+            record, tail = self._pop(tail)
+            found.append(record)
+        return found
+
+    def recover(self, drop: bool, on_drop: Callable[[bytes], None], consumer_gone: bool) -> List[bytes]:
+        """Daemon side, after a flow died: take the lock even from a dead holder, drop the
+        waiting records if ``drop``, mark whether the consumer is gone (a ``block``
+        producer then drops instead of waiting forever), wake the producer.
+        Returns the records still waiting."""
+        try:
+            self._lock.acquire(_RECOVERY_WAIT)
+        except posix_ipc.BusyError:
+            pass  # the dead process held it; the lock is ours now
+        try:
+            kept = self.records()
+            if drop and kept:
+                head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
+                for record in kept:
+                    on_drop(record)
+                _RING_HDR.pack_into(self._mm, 0, head, head, 0, 0, dropped + count)
+                kept = []
+            self._mm[_RING_GONE] = consumer_gone
+        finally:
+            self._lock.release()
+        self._space.release()
+        return kept
+
+    def consumer_back(self) -> None:
+        """The consumer's flow runs again: a ``block`` producer waits for room again."""
+        self._mm[_RING_GONE] = 0
 
     def count_drop(self) -> None:
         """Count a message that never entered the ring (pool exhausted under ``latest``)."""
@@ -291,10 +329,12 @@ class Pool:
         if self._hdr[0]:
             self._released.release()
 
-    def release_all(self, receiver: int) -> None:
-        """Release every slot ``receiver`` holds (it died, or will never read them)."""
+    def release_all(self, receiver: int, keep: Sequence[bytes] = ()) -> None:
+        """Release every slot ``receiver`` holds but those of the records in ``keep`` (its flow died)."""
+        kept = {slot for record in keep for slot, _, _ in _refs(record)}
         for slot in range(self._slots):
-            self.release(slot, receiver)
+            if slot not in kept:
+                self.release(slot, receiver)
 
     def unstore(self, ref: bytes) -> None:
         """Give back a slot that ``store`` filled but no receiver will see."""
@@ -306,6 +346,8 @@ class Pool:
         """A read-only view of a slot that releases it when the last array using it is gone."""
         cached = self._views.get((pid, slot))
         if cached is None or cached[0] != gen:
+            if len(self._views) >= 4 * self._slots:
+                self._views.clear()  # mappings of a dead producer; arrays still using them keep them
             cached = (gen, shm.open_segment(self._segment_name(pid, slot, gen)))
             self._views[(pid, slot)] = cached
         # numpy keeps the object under a memoryview alive, not the memoryview
@@ -382,7 +424,13 @@ class RingReader:
             self._taken.extend(self._ring.get(self._batch))
             if not self._taken:
                 return EMPTY
-        return decode(self._taken.popleft(), self._pool, self._receiver)
+        record = self._taken.popleft()
+        try:
+            return decode(record, self._pool, self._receiver)
+        except posix_ipc.ExistentialError:
+            for slot, _, _ in _refs(record):  # its producer died and its slots are gone
+                self._pool.release(slot, self._receiver)
+            return EMPTY
 
 
 class RemoteTarget:
