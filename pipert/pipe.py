@@ -618,9 +618,20 @@ class Pipe:
             if state.reader is not None:
                 state.reader.join(2.0)
         shm.unlink_owned(self.id)
+        self._close_shared_memory()
         atexit.unregister(self._shutdown)
         if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+    def _close_shared_memory(self) -> None:
+        """Close the daemon's own mappings and semaphores (they hold file descriptors)."""
+        pools = {id(w.target._pool): w.target._pool for w in self._remote if w.target._pool is not None}
+        for wire in self._remote:
+            wire.target.ring.close()
+        for pool in pools.values():
+            pool.close()
+        for plan in self._plans.values():
+            plan.inbox.bell.close()
 
     # ----- introspection -----
 

@@ -240,6 +240,13 @@ class ShmRing:
         """The consumer's flow runs again: a ``block`` producer waits for room again."""
         self._mm[_RING_GONE] = 0
 
+    def close(self) -> None:
+        """Unmap the ring and close its semaphores in this process (the daemon, at the end)."""
+        self._final_stats = self.stats()
+        self._mm.close()
+        self._lock.close()
+        self._space.close()
+
     def count_drop(self) -> None:
         """Count a message that never entered the ring (pool exhausted under ``latest``)."""
         self._lock.acquire()
@@ -250,7 +257,9 @@ class ShmRing:
             self._lock.release()
 
     def stats(self) -> Tuple[int, int]:
-        """(messages waiting, messages dropped so far)."""
+        """(messages waiting, messages dropped so far); the last figures once closed."""
+        if self._mm.closed:
+            return self._final_stats
         _, _, count, _, dropped = _RING_HDR.unpack_from(self._mm, 0)
         return count, dropped
 
@@ -335,6 +344,11 @@ class Pool:
         for slot in range(self._slots):
             if slot not in kept:
                 self.release(slot, receiver)
+
+    def close(self) -> None:
+        """Unmap the header and close the semaphore in this process (the daemon, at the end)."""
+        self._hdr.close()
+        self._released.close()
 
     def unstore(self, ref: bytes) -> None:
         """Give back a slot that ``store`` filled but no receiver will see."""
