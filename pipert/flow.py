@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TransportError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, handlers_of
@@ -231,6 +231,18 @@ class _FlowProcess:
     def ack(self, event_id: int, routine: str, error: Optional[str], counters: Dict[str, Any]) -> None:
         """Report that ``routine`` handled an event, with its state right after it."""
         self.send(("ack", event_id, routine, error, counters))
+
+    def allocate(self, routine: str, shape: Tuple[int, ...], dtype: Any) -> Optional[Any]:
+        """An array in the pool of one of ``routine``'s wires to other flows, if it has one."""
+        runner = self.runners[routine]
+        try:
+            for sender in runner.plan.senders:
+                array = sender.allocate(shape, dtype, runner._should_stop)
+                if array is not None:
+                    return array
+        except Closed:
+            pass
+        return None
 
     def notify_event(self, name: str, targets: Optional[dict], params: dict) -> None:
         if self.pipe._resolve(name, targets, params, strict=False):

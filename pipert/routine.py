@@ -4,7 +4,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import defaultdict
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+import numpy as np
 
 _counters: Dict[str, itertools.count] = defaultdict(itertools.count)
 
@@ -37,6 +39,19 @@ class Routine:
 
     def cleanup(self) -> None:
         """Release what ``setup`` acquired. Runs in the routine's thread at kill."""
+
+    def shared_array(self, shape: Tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+        """A writable array to fill and send (a frame, say).
+
+        When this routine sends to another flow, the array lives in that wire's
+        shared memory and crosses with no copy at all; otherwise it is a plain
+        array. Do not change it after returning it.
+        """
+        if self._runtime is not None:
+            array = self._runtime.allocate(self.name, tuple(shape), dtype)
+            if array is not None:
+                return array
+        return np.empty(shape, dtype)
 
     def notify_event(self, event_name: str, specific_flow_routines: Optional[dict] = None,
                      **params: Any) -> None:

@@ -25,6 +25,7 @@ import threading
 import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import posix_ipc
 
 from . import shm
@@ -266,7 +267,7 @@ class ShmRing:
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
 _MSG = struct.Struct("=IIH")  # record length, producer pid, number of pool references
-_REF = struct.Struct("=HIQ")  # slot, generation, bytes
+_REF = struct.Struct("=HIQQ")  # slot, generation, offset, bytes
 
 
 class Pool:
@@ -275,6 +276,8 @@ class Pool:
     The header (flags, one byte per slot and receiver: 1 = released) is made by
     the daemon; the slots' segments are made by the producer flow, sized to the
     largest buffer seen, and named with its pid so a dead flow's are found.
+    A producer can also ``allocate`` an array inside a slot and fill it: sending
+    that array then copies nothing at all.
     """
 
     def __init__(self, pipe_id: str, tag: str, slots: int, receivers: int) -> None:
@@ -288,24 +291,27 @@ class Pool:
         self._released = shm.create_semaphore(shm.name(pipe_id, pid, f"released{tag}"), 0)
         self._free = b"\x01" * receivers
         self._held = b"\x00" * receivers
-        self._segments: Dict[int, Tuple[int, int, mmap.mmap]] = {}
+        self._segments: Dict[int, Tuple[int, int, mmap.mmap, int]] = {}  # slot -> gen, capacity, map, address
+        self._owned: set = set()  # slots the producer's own arrays (from ``allocate``) still use
         self._next = 0
         self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap]] = {}
 
     def _segment_name(self, pid: int, slot: int, gen: int) -> str:
         return shm.name(self._pipe_id, pid, f"w{self._tag}s{slot}g{gen}")
 
+    def _released_by_all(self, slot: int) -> bool:
+        off = _POOL_HDR_SIZE + slot * self._receivers
+        return self._hdr[off:off + self._receivers] == self._free
+
     def _find_free(self) -> Optional[int]:
-        width = self._receivers
         for k in range(self._slots):
             slot = (self._next + k) % self._slots
-            off = _POOL_HDR_SIZE + slot * width
-            if self._hdr[off:off + width] == self._free:
+            if slot not in self._owned and self._released_by_all(slot):
                 return slot
         return None
 
-    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
-        """Copy ``raw`` into a free slot held by every receiver; its reference, or None if full."""
+    def _take(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[int]:
+        """A free slot of at least ``size`` bytes, waiting under ``block``; None if full otherwise."""
         slot = self._find_free()
         while slot is None:
             if not block:
@@ -316,8 +322,7 @@ class Pool:
                 _wait(self._released, should_stop)
                 slot = self._find_free()
         self._hdr[0:4] = b"\x00\x00\x00\x00"
-        size = raw.nbytes
-        gen, capacity, mm = self._segments.get(slot, (0, 0, None))
+        gen, capacity, mm, _ = self._segments.get(slot, (0, 0, None, 0))
         if capacity < size:
             if mm is not None:
                 mm.close()
@@ -325,12 +330,48 @@ class Pool:
             gen += 1
             capacity = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             mm = shm.create_segment(self._segment_name(os.getpid(), slot, gen), capacity)
-            self._segments[slot] = (gen, capacity, mm)
-        mm[0:size] = raw
+            self._segments[slot] = (gen, capacity, mm, ctypes.addressof(ctypes.c_char.from_buffer(mm)))
+        self._next = slot + 1
+        return slot
+
+    def _hold(self, slot: int, offset: int, size: int) -> bytes:
         off = _POOL_HDR_SIZE + slot * self._receivers
         self._hdr[off:off + self._receivers] = self._held
-        self._next = slot + 1
-        return _REF.pack(slot, gen, size)
+        return _REF.pack(slot, self._segments[slot][0], offset, size)
+
+    def _owned_slot(self, raw: memoryview) -> Optional[Tuple[int, int]]:
+        """(slot, offset) if ``raw`` lies in a slot the producer allocated and no receiver holds."""
+        if not self._owned:
+            return None
+        address = np.frombuffer(raw, dtype=np.uint8).ctypes.data
+        for slot in tuple(self._owned):
+            _, capacity, _, base = self._segments[slot]
+            if base <= address and address + raw.nbytes <= base + capacity and self._released_by_all(slot):
+                return slot, address - base
+        return None
+
+    def allocate(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[memoryview]:
+        """A writable buffer inside a slot, kept from reuse until the producer drops it."""
+        slot = self._take(size, block, should_stop)
+        if slot is None:
+            return None
+        self._owned.add(slot)
+        holder = (ctypes.c_char * size).from_buffer(self._segments[slot][2])
+        weakref.finalize(holder, self._owned.discard, slot)
+        return memoryview(holder)
+
+    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
+        """Reference ``raw`` in the pool, held by every receiver: in place if it was allocated
+        here, else copied into a free slot. None if the pool is full under ``latest``."""
+        size = raw.nbytes
+        owned = self._owned_slot(raw)
+        if owned is not None:
+            return self._hold(owned[0], owned[1], size)
+        slot = self._take(size, block, should_stop)
+        if slot is None:
+            return None
+        self._segments[slot][2][0:size] = raw
+        return self._hold(slot, 0, size)
 
     def release(self, slot: int, receiver: int) -> None:
         """Mark ``slot`` released by ``receiver`` and wake an owner waiting for room."""
@@ -340,7 +381,7 @@ class Pool:
 
     def release_all(self, receiver: int, keep: Sequence[bytes] = ()) -> None:
         """Release every slot ``receiver`` holds but those of the records in ``keep`` (its flow died)."""
-        kept = {slot for record in keep for slot, _, _ in _refs(record)}
+        kept = {ref[0] for record in keep for ref in _refs(record)}
         for slot in range(self._slots):
             if slot not in kept:
                 self.release(slot, receiver)
@@ -356,8 +397,8 @@ class Pool:
         for receiver in range(self._receivers):
             self.release(slot, receiver)
 
-    def view(self, pid: int, slot: int, gen: int, size: int, receiver: int) -> memoryview:
-        """A read-only view of a slot that releases it when the last array using it is gone."""
+    def view(self, pid: int, slot: int, gen: int, offset: int, size: int, receiver: int) -> memoryview:
+        """A read-only view into a slot that releases it when the last array using it is gone."""
         cached = self._views.get((pid, slot))
         if cached is None or cached[0] != gen:
             if len(self._views) >= 4 * self._slots:
@@ -366,12 +407,12 @@ class Pool:
             self._views[(pid, slot)] = cached
         # numpy keeps the object under a memoryview alive, not the memoryview
         # itself, so the finalizer goes on a ctypes array of our own over the slot.
-        holder = (ctypes.c_char * size).from_buffer(cached[1])
+        holder = (ctypes.c_char * size).from_buffer(cached[1], offset)
         weakref.finalize(holder, self.release, slot, receiver)
         return memoryview(holder).toreadonly()
 
 
-def _refs(record: bytes) -> List[Tuple[int, int, int]]:
+def _refs(record: bytes) -> List[Tuple[int, int, int, int]]:
     count = _MSG.unpack_from(record, 0)[2]
     return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
 
@@ -442,8 +483,8 @@ class RingReader:
         try:
             return decode(record, self._pool, self._receiver)
         except posix_ipc.ExistentialError:
-            for slot, _, _ in _refs(record):  # its producer died and its slots are gone
-                self._pool.release(slot, self._receiver)
+            for ref in _refs(record):  # its producer died and its slots are gone
+                self._pool.release(ref[0], self._receiver)
             return EMPTY
 
 
@@ -458,8 +499,8 @@ class RemoteTarget:
 
     def on_drop(self, record: bytes) -> None:
         """A record of this receiver's was dropped unread: release its pool slots."""
-        for slot, _, _ in _refs(record):
-            self._pool.release(slot, self.receiver)
+        for ref in _refs(record):
+            self._pool.release(ref[0], self.receiver)
 
 
 class WireSender:
@@ -472,6 +513,15 @@ class WireSender:
         self._local = list(local)
         self._remote = list(remote)
         self._pool = pool
+
+    def allocate(self, shape: Tuple[int, ...], dtype: np.dtype,
+                 should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
+        """A writable array in this wire's pool (None if the wire has no pool or it is full)."""
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if self._pool is None or size < OOB_MIN:
+            return None
+        buffer = self._pool.allocate(size, self._block, should_stop)
+        return None if buffer is None else np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
     def send(self, obj: object, should_stop: Callable[[], bool]) -> None:
         if self._remote:

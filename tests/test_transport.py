@@ -23,10 +23,11 @@ def stamp(n):
 
 
 class Stamped(SourceRoutine):
-    def __init__(self, limit, period=0.0, name=None):
+    def __init__(self, limit, period=0.0, name=None, shared=False):
         super().__init__(name)
         self.limit = limit
         self.period = period
+        self.shared = shared
 
     def setup(self):
         self.n = 0
@@ -39,6 +40,9 @@ class Stamped(SourceRoutine):
             time.sleep(self.period)
         self.n += 1
         frame = stamp(self.n)
+        if self.shared:
+            frame, private = self.shared_array(SHAPE), frame
+            frame[...] = private
         return {"n": self.n, "frame": frame, "sum": int(frame.sum(dtype=np.uint64))}
 
 
@@ -95,10 +99,11 @@ def two_flows(make_pipe, source, sinks, **wire):
     return pipe
 
 
-def test_thousands_of_frames_arrive_intact_and_read_only_even_when_held(make_pipe, tmp_path):
+@pytest.mark.parametrize("shared", [False, True], ids=["copied-in", "shared_array"])
+def test_thousands_of_frames_arrive_intact_and_read_only_even_when_held(make_pipe, tmp_path, shared):
     paths = [str(tmp_path / "a"), str(tmp_path / "b")]
     sinks = [Verifier(paths[0], hold=5), Verifier(paths[1], hold=0)]
-    pipe = two_flows(make_pipe, Stamped(2000), sinks, policy="block", depth=4)
+    pipe = two_flows(make_pipe, Stamped(2000, shared=shared), sinks, policy="block", depth=4)
     pipe.notify_event("start")
     for path in paths:
         wait_for(lambda: len(result(path)["seen"]) == 2000, timeout=60)
@@ -247,6 +252,26 @@ def test_small_messages_inline_and_large_arrays_through_the_pool():
         assert bytes(pool._hdr[8:10]) == b"\x01\x01"
     finally:
         shm.unlink_owned("feedbeef")
+
+
+def test_shared_array_is_sent_in_place_and_reused_only_when_released():
+    from pipert.transport import Pool, WireSender, decode, encode
+    pool = Pool("feedbee2", "t", slots=3, receivers=1)
+    try:
+        sender = WireSender("r", False, [], [], pool)
+        frame = sender.allocate((512, 512), np.uint8, lambda: False)
+        frame[...] = 7
+        record = encode({"f": frame}, pool, False, lambda: False, "r")
+        assert pool._owned == {0}
+        assert len(pool._segments) == 1, "sending an allocated array must not copy it into another slot"
+        received = decode(record, pool, 0)["f"]
+        assert received.sum() == 7 * 512 * 512 and not received.flags.writeable
+        del frame
+        assert not pool._owned and not pool._released_by_all(0), "the receiver still holds slot 0"
+        del received
+        assert pool._released_by_all(0)
+    finally:
+        shm.unlink_owned("feedbee2")
 
 
 def test_idle_pipeline_of_four_flows_uses_almost_no_cpu(make_pipe, tmp_path):
