@@ -7,7 +7,12 @@ from typing import Callable, Dict, List, TypeVar
 START_EVENT_NAME = "start"
 STOP_EVENT_NAME = "stop"
 KILL_EVENT_NAME = "kill"
+LOG_DATA_EVENT_NAME = "log_data"
 BUILTIN_EVENTS = (START_EVENT_NAME, STOP_EVENT_NAME, KILL_EVENT_NAME)
+"""The events every routine handles and the cockpit lists."""
+RUNTIME_EVENTS = BUILTIN_EVENTS + (LOG_DATA_EVENT_NAME,)
+"""Every event the runtime itself handles; ``log_data`` toggles sending a routine's frames
+to the cockpit (optional parameter ``enabled``)."""
 
 _F = TypeVar("_F", bound=Callable)
 _ATTR = "_pipert_events"

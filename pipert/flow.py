@@ -11,7 +11,9 @@ import copy
 import ctypes
 import logging
 import os
+import queue
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -20,7 +22,8 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TransportError
-from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, handlers_of
+from .events import KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, handlers_of
+from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
 from .routine import Routine, SourceRoutine
 from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
 
@@ -90,6 +93,11 @@ class _Runner:
         self.messages_in = 0
         self.messages_out = 0
         self.calls = 0
+        self.durations: collections.deque = collections.deque(maxlen=64)
+        self.started_at = 0.0
+        self.auto_interval = 0.0  # seconds between main_logic calls set by auto pacing
+        self.log_data = False
+        self.samplers = {d: FrameSampler(flow.pipe._frames_per_second) for d in ("input", "output")}
         self.thread = threading.Thread(target=self._run, name=routine.name, daemon=True)
 
     def deliver(self, event: Event) -> None:
@@ -117,18 +125,46 @@ class _Runner:
                 inbox.bell.acquire()
                 continue
             if source:
+                self._pace()
                 data = self._call(routine.main_logic)
             else:
                 message = inbox.next()
                 if message is EMPTY:
                     continue
                 self.messages_in += 1
+                if self.log_data:
+                    self._show("input", message)
+                self._pace()
                 data = self._call(routine.main_logic, copy.deepcopy(message) if writable else message)
-            if data is not None and self.plan.senders:
-                self._send(data)
+            if data is not None:
+                if self.log_data:
+                    self._show("output", data)
+                if self.plan.senders:
+                    self._send(data)
+
+    def _pace(self) -> None:
+        """Wait until the routine's rate cap (const FPS or auto pacing) lets the next call start."""
+        fps = self.routine._const_fps
+        interval = max(1.0 / fps if fps else 0.0, self.auto_interval)
+        if interval:
+            remaining = self.started_at + interval - time.perf_counter()
+            while remaining > 0 and not self.events:
+                time.sleep(min(remaining, 0.05))
+                remaining = self.started_at + interval - time.perf_counter()
+
+    def _show(self, direction: str, data: Any) -> None:
+        """Hand a sampled frame of ``data`` to the flow's frame logger."""
+        if self.samplers[direction].due():
+            try:
+                frame = find_frame(data)
+            except Exception:
+                frame = None
+            if frame is not None:
+                self.flow.frames.offer(self.routine.logger, direction, frame)
 
     def _call(self, main_logic: Callable, *args: Any) -> Any:
         self.calls += 1
+        self.started_at = started = time.perf_counter()
         try:
             return main_logic(*args)
         except Exception as exc:
@@ -136,6 +172,8 @@ class _Runner:
                                           self.routine.name)
             self.error = f"main_logic: {exc!r}"
             return None
+        finally:
+            self.durations.append(time.perf_counter() - started)
 
     def _send(self, data: Any) -> None:
         try:
@@ -165,6 +203,10 @@ class _Runner:
             self.state = RUNNING
         elif event.name == STOP_EVENT_NAME and self.state == RUNNING:
             self.state = STOPPED
+        elif event.name == LOG_DATA_EVENT_NAME:
+            self.log_data = bool(event.params.get("enabled", not self.log_data))
+            self.routine.logger.info("sending %s frames to the cockpit: %s", self.routine.name,
+                                     "on" if self.log_data else "off")
         for handler in self.handlers.get(event.name, ()):
             try:
                 handler(**event.params)
@@ -186,8 +228,42 @@ class _Runner:
                 self.routine.logger.exception("cleanup of routine '%s' failed", self.routine.name)
 
     def counters(self) -> Dict[str, Any]:
+        durations = list(self.durations)
+        median = statistics.median(durations) if durations else 0.0
         return {"state": self.state, "error": self.error, "messages_in": self.messages_in,
-                "messages_out": self.messages_out, "calls": self.calls}
+                "messages_out": self.messages_out, "calls": self.calls, "log_data": self.log_data,
+                "capacity": round(1.0 / median, 2) if median > 0 else None,
+                "paced_fps": round(1.0 / self.auto_interval, 2) if self.auto_interval else None}
+
+
+class _FrameLogger:
+    """Encodes sampled frames to JPEG off the routines' threads and logs them for the cockpit.
+
+    At most a few frames wait; when the encoder is busy, new ones are dropped,
+    so showing frames never slows a routine down.
+    """
+
+    def __init__(self, quality: int) -> None:
+        self._quality = quality
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._thread: Optional[threading.Thread] = None
+
+    def offer(self, logger: logging.Logger, direction: str, frame: Any) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pipert-frames", daemon=True)
+            self._thread.start()
+        try:
+            self._queue.put_nowait((logger, direction, frame))
+        except queue.Full:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            logger, direction, frame = self._queue.get()
+            try:
+                logger.info(frame_log_message(direction, encode_frame(frame, self._quality)))
+            except Exception:
+                logger.exception("could not encode a %s frame for the cockpit", direction)
 
 
 class _ForwardHandler(logging.Handler):
@@ -219,6 +295,7 @@ class _FlowProcess:
         self.flow = flow
         self.conn = conn
         self._send_lock = threading.Lock()
+        self.frames = _FrameLogger(pipe._jpeg_quality)
         self.runners = {r.name: _Runner(r, pipe._plans[r.name], self) for r in flow.routines}
 
     def send(self, message: tuple) -> None:
@@ -251,13 +328,15 @@ class _FlowProcess:
             logging.getLogger(self.pipe.logger.name).warning("event '%s' goes nowhere: no chosen routine "
                                                              "handles it", name)
 
-    def _report(self, last: Dict[str, int], elapsed: float) -> None:
+    def _report(self, last: Dict[str, int], elapsed: float, log_fps: bool) -> None:
         routines = {}
         for name, runner in self.runners.items():
             counters = runner.counters()
             counters["fps"] = round((counters["calls"] - last.get(name, 0)) / elapsed, 2) if elapsed > 0 else 0.0
             last[name] = counters["calls"]
             routines[name] = counters
+            if log_fps and runner.state == RUNNING:
+                runner.routine.logger.plog("fps: %.2f", counters["fps"])
         channels = {f"{wire}:{name}": (channel.depth(), channel.dropped)
                     for name, runner in self.runners.items()
                     for wire, channel in runner.plan.local_channels.items()}
@@ -275,11 +354,16 @@ class _FlowProcess:
             runner.thread.start()
         self.send(("ready", self.flow.name, os.getpid()))
         last: Dict[str, int] = {}
-        reported = time.monotonic()
+        reported = fps_logged = time.monotonic()
         while any(r.thread.is_alive() for r in self.runners.values()):
             try:
                 if self.conn.poll(STATUS_INTERVAL):
-                    _, event_id, name, routines, params = self.conn.recv()
+                    message = self.conn.recv()
+                    if message[0] == "pace":
+                        for routine, fps in message[1].items():
+                            self.runners[routine].auto_interval = 1.0 / fps if fps else 0.0
+                        continue
+                    _, event_id, name, routines, params = message
                     for routine in routines:
                         self.runners[routine].deliver(Event(event_id, name, params))
             except (EOFError, OSError):
@@ -289,11 +373,13 @@ class _FlowProcess:
                 break
             now = time.monotonic()
             if now - reported >= STATUS_INTERVAL:
-                self._report(last, now - reported)
+                log_fps = now - fps_logged >= self.pipe._fps_log_interval
+                self._report(last, now - reported, log_fps)
                 reported = now
+                fps_logged = now if log_fps else fps_logged
         for runner in self.runners.values():
             runner.thread.join()
-        self._report(last, time.monotonic() - reported)
+        self._report(last, time.monotonic() - reported, False)
 
 
 def _forward_logs(pipe: Any, send: Callable[[tuple], None]) -> None:

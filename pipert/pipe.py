@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import shm
 from .errors import BuildError, EventError
-from .events import BUILTIN_EVENTS, KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of
+from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
+                     STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, run_flow
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
@@ -119,10 +120,19 @@ class Pipe:
     travel inline, large buffers through a pool of ``pool_slots`` slots per
     wire, default ``2 * depth + 4``); ``kill_grace`` is how long flows get to
     finish at kill before they are terminated.
+
+    Observability: every routine logs ``fps: <rate>`` at PIPE_INFRASTRUCTURE
+    every ``fps_log_interval`` seconds; after a ``log_data`` event it sends at
+    most ``frames_per_second`` input and output frames a second, JPEG at
+    ``jpeg_quality``. With ``auto_pacing_mechanism`` every source is slowed to
+    the capacity of the slowest routine downstream of it times
+    ``pacing_multiplier``, so no work is spent on frames that would be dropped.
     """
 
     def __init__(self, logger: Optional[logging.Logger] = None, wire_policy: str = LATEST, wire_depth: int = 1,
-                 ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0) -> None:
+                 ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0,
+                 auto_pacing_mechanism: bool = False, pacing_multiplier: float = 1.1,
+                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70) -> None:
         if wire_policy not in POLICIES:
             raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
         self.logger = logger if logger is not None else _default_logger()
@@ -135,6 +145,11 @@ class Pipe:
         self._ring_capacity = ring_capacity
         self._pool_slots = pool_slots
         self._kill_grace = kill_grace
+        self._auto_pacing = auto_pacing_mechanism
+        self._pacing_multiplier = pacing_multiplier
+        self._fps_log_interval = fps_log_interval
+        self._frames_per_second = frames_per_second
+        self._jpeg_quality = jpeg_quality
         self._plans: Dict[str, RoutinePlan] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
@@ -312,6 +327,8 @@ class Pipe:
             self._shutdown()
             raise
         self._install_sigterm()
+        if self._auto_pacing:
+            threading.Thread(target=self._pace_sources, name="pipert-pacing", daemon=True).start()
         structure = self.structure()
         for handler in self.logger.handlers:
             if hasattr(handler, "send_pipe_creation"):
@@ -459,6 +476,55 @@ class Pipe:
             if not any(s.alive or s.restarting for s in self._states.values()):
                 self._all_exited.set()
 
+    def _downstream(self) -> Dict[str, List[str]]:
+        """For every source routine, every routine its data reaches."""
+        edges: Dict[str, List[str]] = {}
+        for wire in self.wires:
+            edges.setdefault(wire.source.name, []).extend(d.name for d in wire.destinations)
+        reach: Dict[str, List[str]] = {}
+        for flow in self._flow_list:
+            for routine in flow.routines:
+                if isinstance(routine, SourceRoutine):
+                    seen, todo = [], list(edges.get(routine.name, []))
+                    while todo:
+                        name = todo.pop()
+                        if name not in seen:
+                            seen.append(name)
+                            todo.extend(edges.get(name, []))
+                    reach[routine.name] = seen
+        return reach
+
+    def _pace_sources(self) -> None:
+        """Auto pacing: once a second, cap each source at its slowest downstream routine's capacity."""
+        reach = self._downstream()
+        paced: Dict[str, Optional[float]] = {}
+        while not self._closed and not self._killing:
+            capacities = {name: r.get("capacity") for s in self._states.values() for name, r in s.routines.items()}
+            for source, downstream in reach.items():
+                known = [capacities[d] for d in downstream if capacities.get(d)]
+                own = capacities.get(source)
+                target = round(min(known) * self._pacing_multiplier, 2) if known else None
+                if target is not None and own is not None and own <= target:
+                    target = None
+                if paced.get(source) != target:
+                    paced[source] = target
+                    self._send_to_flow(self._flow_of_routine(source), ("pace", {source: target}))
+            time.sleep(1.0)
+
+    def _flow_of_routine(self, routine: str) -> str:
+        return next(f.name for f in self._flow_list if any(r.name == routine for r in f.routines))
+
+    def _send_to_flow(self, flow: str, message: tuple) -> bool:
+        state = self._states[flow]
+        with state.send_lock:
+            if not state.alive:
+                return False
+            try:
+                state.conn.send(message)
+            except OSError:
+                return False
+        return True
+
     # ----- events -----
 
     def _resolve(self, name: str, targets: Optional[Dict[str, Any]], params: Dict[str, Any],
@@ -499,21 +565,22 @@ class Pipe:
         for flow_name, routines in chosen.items():
             for routine in routines:
                 handlers = handlers_of(routine).get(name, [])
-                if name not in BUILTIN_EVENTS and not handlers:
+                if name not in RUNTIME_EVENTS and not handlers:
                     if routine.name in explicit and strict:
                         raise EventError(f"routine '{routine.name}' does not handle event '{name}': declare a "
                                          f"method with @events('{name}') on {type(routine).__name__}")
                     continue
                 for handler in handlers:
                     check_params(handler, name, routine.name, params)
-                if name in BUILTIN_EVENTS and params and not handlers:
-                    raise EventError(f"event '{name}' takes no parameters for routine '{routine.name}' "
-                                     f"(got {sorted(params)})")
+                allowed = {"enabled"} if name == LOG_DATA_EVENT_NAME else set()
+                if name in RUNTIME_EVENTS and set(params) - allowed and not handlers:
+                    raise EventError(f"event '{name}' takes {sorted(allowed) or 'no'} parameters for routine "
+                                     f"'{routine.name}' (got {sorted(params)})")
                 resolved.setdefault(flow_name, []).append(routine.name)
         if not resolved and strict:
             declared = sorted({e for f in self.flows.values() for r in f.routines for e in handlers_of(r)})
             raise EventError(f"no routine handles event '{name}'; events declared with @events are "
-                             f"{declared}, built-in ones are {list(BUILTIN_EVENTS)}")
+                             f"{declared}, built-in ones are {list(RUNTIME_EVENTS)}")
         return resolved
 
     def _dispatch(self, name: str, targets: Dict[str, List[str]], params: Dict[str, Any]) -> EventResult:
@@ -526,13 +593,7 @@ class Pipe:
             for routines in targets.values():
                 self._wanted.update(dict.fromkeys(routines, name))
         for flow, routines in targets.items():
-            state = self._states[flow]
-            try:
-                with state.send_lock:
-                    if not state.alive:
-                        raise OSError("not running")
-                    state.conn.send(("event", event_id, name, routines, params))
-            except OSError:
+            if not self._send_to_flow(flow, ("event", event_id, name, routines, params)):
                 for routine in routines:
                     result._ack(routine, f"flow '{flow}' is not running")
         if len(self._results) > 1000:
@@ -657,7 +718,9 @@ class Pipe:
                 routines[routine.name] = {
                     "flow": flow.name, "state": reported.get("state", IDLE),
                     "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
-                    "fps": reported.get("fps", 0.0), "error": reported.get("error")}
+                    "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
+                    "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
+                    "error": reported.get("error")}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}

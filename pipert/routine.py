@@ -33,6 +33,16 @@ class Routine:
         self.flow_name: Optional[str] = None
         self.logger = logging.getLogger(f"pipert.{self.name}")
         self._runtime: Any = None
+        self._const_fps: Optional[float] = None
+
+    def set_const_fps(self, fps: Optional[float]) -> None:
+        """Cap this routine at ``fps`` calls of ``main_logic`` per second (None or 0: no cap).
+
+        Call it in ``__init__``, ``setup`` or an event handler.
+        """
+        if fps is not None and fps < 0:
+            raise ValueError(f"routine '{self.name}': const FPS must be positive or None, not {fps}")
+        self._const_fps = fps or None
 
     def setup(self) -> None:
         """Prepare resources (open a camera, load a model). Runs in the routine's thread."""
