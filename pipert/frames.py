@@ -22,10 +22,12 @@ FRAME_DIRECTIONS = ("input", "output")
 
 
 def _is_image(value: Any) -> bool:
-    """Whether ``value`` is a non-empty numeric array shaped (H, W) or (H, W, 1|3|4)."""
+    """Whether ``value`` is a non-empty integer, float or bool array shaped (H, W) or
+    (H, W, 1|3|4)."""
     if not isinstance(value, np.ndarray) or value.size == 0:
         return False
-    if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
+    kind = value.dtype
+    if not (np.issubdtype(kind, np.integer) or np.issubdtype(kind, np.floating) or kind == np.bool_):
         return False
     return value.ndim == 2 or (value.ndim == 3 and value.shape[2] in (1, 3, 4))
 
@@ -54,7 +56,7 @@ def find_frame(data: Any) -> np.ndarray | None:
     Looks at ``data`` itself if it is an array; otherwise at the values of a
     dict, in order, and at the values of dicts nested one level inside it;
     otherwise at what ``data.get_frame()`` returns. An image is a non-empty
-    numeric array shaped (H, W) or (H, W, 1|3|4). Exceptions raised by a
+    integer, float or bool array shaped (H, W) or (H, W, 1|3|4). Exceptions raised by a
     ``get_frame()`` method propagate to the caller.
     """
     return _find(data, depth=2)
@@ -89,7 +91,7 @@ def encode_frame(frame: np.ndarray, quality: int = 70, max_width: int | None = 6
         shape = getattr(frame, "shape", None)
         dtype = getattr(frame, "dtype", type(frame).__name__)
         raise ValueError(
-            f"encode_frame needs a numeric image array shaped (H, W) or (H, W, 1|3|4); "
+            f"encode_frame needs an integer, float or bool array shaped (H, W) or (H, W, 1|3|4); "
             f"got shape {shape}, dtype {dtype}. Pass the frame itself, e.g. find_frame(data)."
         )
     if not 0 <= quality <= 100:

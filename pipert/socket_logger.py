@@ -217,14 +217,18 @@ class CockpitHandler(logging.Handler):
             self._wake.set()
 
     def _ensure_thread(self) -> bool:
-        """Start the sending thread if it is not running; False once closed. Needs self.lock."""
+        """Start the sending thread if it is not running; False if it cannot run (closed,
+        or no thread can be started). Needs self.lock."""
         if self._closed:
             return False
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(
-                target=self._run, args=(self._records, self._wake, self._stop),
-                name="pipert-cockpit-logger", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, args=(self._records, self._wake, self._stop),
+                                      name="pipert-cockpit-logger", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no new threads: the interpreter is exiting, or out of resources
+                return False
+            self._thread = thread
         return True
 
     def close(self) -> None:
@@ -396,6 +400,14 @@ def _url_from_environment() -> str | None:
     return (dotenv.dotenv_values(path).get(URL_VARIABLE) or None) if path else None
 
 
+class _StderrFallback(logging.StreamHandler):
+    """What :func:`get_socket_logger` attaches when no cockpit address is configured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+
 def find_cockpit_handler(logger: logging.Logger) -> CockpitHandler | None:
     """The :class:`CockpitHandler` that records of ``logger`` reach, if any, following
     propagation like logging does; use it to call ``send_pipe_creation``."""
@@ -414,24 +426,23 @@ def get_socket_logger(name: str, level: int = logging.INFO, url: str | None = No
     The cockpit's address is ``url``, else ``SOCKET_LOGGER_URL`` from the
     environment, else from the nearest ``.env`` file. Without an address the
     records go to stderr instead, and one warning per process says so. Calling
-    it again does not add a second handler; with a different address the old
-    handler is closed and replaced.
+    it again does not add a second handler; with a different address the
+    logger's cockpit (or stderr) handler is closed and replaced.
     """
     global _warned_no_url
     logger = logging.getLogger(name)
     logger.setLevel(level)
     target = url or _url_from_environment()
     target = _cockpit_url(target) if target else None
-    for handler in list(logger.handlers):
-        if hasattr(handler, "_pipert_target"):
-            if handler._pipert_target == target:
+    for existing in list(logger.handlers):
+        if isinstance(existing, (CockpitHandler, _StderrFallback)):
+            if (existing.url if isinstance(existing, CockpitHandler) else None) == target:
                 return logger
-            logger.removeHandler(handler)
-            handler.close()
+            logger.removeHandler(existing)
+            existing.close()
     handler: logging.Handler
     if target is None:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler = _StderrFallback()
         if not _warned_no_url:
             _warned_no_url = True
             _log.warning("%s is not set (not passed, not in the environment, not in a .env file): "
@@ -440,6 +451,5 @@ def get_socket_logger(name: str, level: int = logging.INFO, url: str | None = No
                          URL_VARIABLE, name, URL_VARIABLE)
     else:
         handler = CockpitHandler(target, source=name)
-    handler._pipert_target = target  # type: ignore[attr-defined]
     logger.addHandler(handler)
     return logger
