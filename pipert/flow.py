@@ -267,24 +267,52 @@ class _FrameLogger:
 
 
 class _ForwardHandler(logging.Handler):
-    """Sends a flow's log records to the daemon, which hands them to the pipe's handlers."""
+    """Sends a flow's log records to the daemon, which hands them to the pipe's handlers.
 
-    def __init__(self, send: Callable[[tuple], None]) -> None:
+    ``emit`` only queues (bounded; when full the record is dropped and counted)
+    and a background thread sends, so logging never blocks a routine even when
+    the daemon is slow to read.
+    """
+
+    def __init__(self, send: Callable[[tuple], None], capacity: int = 1000) -> None:
         super().__init__()
         self._send = send
+        self._capacity = capacity
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if len(self._queue) >= self._capacity:
+                self.dropped += 1
+                return
             fields = dict(record.__dict__)
             fields["msg"] = record.getMessage()
             fields["args"] = None
             if record.exc_info:
-                fields["exc_text"] = self.formatter.formatException(record.exc_info) if self.formatter else \
-                    logging.Formatter().formatException(record.exc_info)
+                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
             fields["exc_info"] = None
-            self._send(("log", fields))
+            self._queue.append(fields)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pipert-log-forward", daemon=True)
+                self._thread.start()
+            self._wake.set()
         except Exception:
             self.handleError(record)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                self._send(("log", self._queue.popleft()))
+
+    def flush(self) -> None:
+        """Send what is queued (at the end of the flow)."""
+        while self._queue:
+            self._send(("log", self._queue.popleft()))
 
 
 class _FlowProcess:
@@ -382,12 +410,14 @@ class _FlowProcess:
         self._report(last, time.monotonic() - reported, False)
 
 
-def _forward_logs(pipe: Any, send: Callable[[tuple], None]) -> None:
+def _forward_logs(pipe: Any, send: Callable[[tuple], None]) -> _ForwardHandler:
     base = logging.getLogger(pipe.logger.name)
     for handler in list(base.handlers):
         base.removeHandler(handler)
-    base.addHandler(_ForwardHandler(send))
+    forward = _ForwardHandler(send)
+    base.addHandler(forward)
     base.propagate = False
+    return forward
 
 
 def run_flow(pipe: Any, flow_name: str, fd: int) -> None:
@@ -398,8 +428,9 @@ def run_flow(pipe: Any, flow_name: str, fd: int) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         process = _FlowProcess(pipe, pipe.flows[flow_name], Connection(fd))
-        _forward_logs(pipe, process.send)
+        forward = _forward_logs(pipe, process.send)
         process.run()
+        forward.flush()
     except BaseException:
         _log.exception("flow '%s' failed", flow_name)
         code = 1

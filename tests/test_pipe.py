@@ -263,9 +263,11 @@ def test_faq_none_exceptions_and_failing_setup(make_pipe, tmp_path):
     status = pipe.status()["routines"]
     assert status[failing.name]["state"] == "crashed" and "camera not found" in status[failing.name]["error"]
     assert not numbers(out, "g-sink")
-    errors = [r for r in pipe.captured.records if r.levelname == "ERROR" and "main_logic" in r.getMessage()]
-    assert len(errors) == 4 and all("ValueError: bad number" in (r.exc_text or "") for r in errors)
-    assert any("camera not found" in (r.exc_text or "") for r in pipe.captured.records)
+    def errors():
+        return [r for r in pipe.captured.records if r.levelname == "ERROR" and "main_logic" in r.getMessage()]
+    wait_for(lambda: len(errors()) == 4)
+    assert all("ValueError: bad number" in (r.exc_text or "") for r in errors())
+    wait_for(lambda: any("camera not found" in (r.exc_text or "") for r in pipe.captured.records))
     marker.write_text("")
     assert pipe.notify_event("start").wait(5)["errors"] == {}
     wait_for(lambda: numbers(out, "g-sink"))
