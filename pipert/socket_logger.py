@@ -73,7 +73,7 @@ def _level_name(levelno: int) -> str:
 
 
 def _cockpit_level(record: logging.LogRecord) -> str:
-    return "EXCEPTION" if record.exc_info else _level_name(record.levelno)
+    return "EXCEPTION" if record.exc_info or record.exc_text else _level_name(record.levelno)
 
 
 def _payload(created: float, source: str, level: str, message: str) -> str:

@@ -15,8 +15,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -29,30 +27,9 @@ from pipert import socket_logger
 from pipert.log import PIPE_INFRASTRUCTURE  # also registers Logger.plog
 from pipert.socket_logger import CockpitHandler, find_cockpit_handler, get_socket_logger
 
+from cockpit import Cockpit
+
 pytestmark = pytest.mark.timeout(60)
-
-_SERVER = r"""
-import json, sys
-from gevent import pywsgi
-import socketio
-
-port, events_path = int(sys.argv[1]), sys.argv[2]
-sio = socketio.Server(async_mode="gevent", max_http_buffer_size=100_000_000)
-events = open(events_path, "a", encoding="utf-8")
-
-def recorder(event):
-    def record(sid, data=None, *rest):
-        events.write(json.dumps({"event": event, "data": None if event == "connect" else data}) + "\n")
-        events.flush()
-    sio.on(event, record)
-
-for event in ("connect", "log", "pipe_creation"):
-    recorder(event)
-server = pywsgi.WSGIServer(("127.0.0.1", port), socketio.WSGIApp(sio), log=None)
-server.start()
-print(server.server_port, flush=True)
-server.serve_forever()
-"""
 
 TIME_FORMAT = re.compile(r"^\d\d-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}$")
 STRUCTURE = {
@@ -63,51 +40,6 @@ STRUCTURE = {
     "Events": ["start", "stop", "kill"],
     "flags": [True, False, None],
 }
-
-
-class Cockpit:
-    """A stand-in cockpit process; every start records into a new file."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = 0
-        self.starts = 0
-        self.process: subprocess.Popen[str] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        self.events_path = self.directory / f"events-{self.starts}.jsonl"
-        self.events_path.touch()
-        errors = self.directory / f"cockpit-{self.starts}.log"
-        with open(errors, "w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _SERVER, str(self.port), str(self.events_path)],
-                stdout=subprocess.PIPE, stderr=stderr, text=True)
-        line = self.process.stdout.readline()
-        assert line.strip().isdigit(), f"test cockpit did not start: {errors.read_text()}"
-        self.port = int(line)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process.stdout.close()
-            self.process = None
-
-    def events(self, name: str) -> list[str]:
-        """Payloads of the ``name`` events received since the last start."""
-        lines = self.events_path.read_text(encoding="utf-8").split("\n")[:-1]  # complete lines only
-        return [entry["data"] for entry in map(json.loads, lines) if entry["event"] == name]
-
-    def records(self) -> list[dict]:
-        return [json.loads(payload) for payload in self.events("log")]
-
-    def messages(self) -> list[str]:
-        return [record["message"] for record in self.records()]
 
 
 def unused_url() -> str:

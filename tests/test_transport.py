@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Counter, Recorder, read_lines, wait_for
-from pipert import DestinationRoutine, MiddleRoutine, SourceRoutine, Wire, shm
+from helpers import Counter, Recorder, wait_for
+from pipert import DestinationRoutine, SourceRoutine, Wire, shm
 from pipert.transport import OOB_MIN
 
 SHAPE = (270, 480, 3)
