@@ -4,10 +4,11 @@ from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, events
 from .log import PIPE_INFRASTRUCTURE
 from .pipe import EventResult, Pipe
 from .routine import DestinationRoutine, MiddleRoutine, Routine, SourceRoutine
+from .socket_logger import get_socket_logger
 from .wire import Wire
 
 __all__ = [
     "BuildError", "DestinationRoutine", "EventError", "EventResult", "KILL_EVENT_NAME", "MiddleRoutine",
     "PIPE_INFRASTRUCTURE", "Pipe", "PipeError", "Routine", "START_EVENT_NAME", "STOP_EVENT_NAME",
-    "SourceRoutine", "TransportError", "Wire", "events",
+    "SourceRoutine", "TransportError", "Wire", "events", "get_socket_logger",
 ]
