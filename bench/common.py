@@ -21,9 +21,14 @@ FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1] * FRAME_SHAPE[2]
 # middle, last pixels. A torn or stale frame shows a mismatch at one of them.
 STAMP_OFFSETS = (0, (FRAME_BYTES // 2) & ~7, FRAME_BYTES - 8)
 SAMPLE_STRIDE = 997          # prime stride: the checksum sample, ~6,200 bytes
-# Frames the source cycles through. The source stamps a frame again only
-# FRAME_RING messages after it returned it; both transports have copied it
-# into shared memory long before (on send), so no message is mutated in flight.
+# The source produces each frame as a camera or decoder would: it copies one
+# of IMAGES prepared images into the buffer it is about to send, then stamps
+# the counter into it. Both implementations do this same work per frame; they
+# differ only in the buffer (PipeRT 2: one of FRAME_RING plain arrays, copied
+# by its transmitter; pipert: an array from Routine.shared_array, sent in
+# place). A FRAME_RING buffer is refilled only FRAME_RING frames after it was
+# returned, long after the transport copied it on send.
+IMAGES = 2
 FRAME_RING = 8
 END_TAG = "end"
 
@@ -111,10 +116,27 @@ class Schedule:
         return tag
 
 
-def make_frames(count=FRAME_RING, seed=1234):
-    """Random 1080p frames for the source to cycle through."""
+def make_frames(count, seed=1234):
+    """Random 1080p frames."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size=FRAME_SHAPE, dtype=np.uint8) for _ in range(count)]
+
+
+class FrameMaker:
+    """Source side: fill a buffer with the next image and stamp the counter."""
+
+    def __init__(self):
+        self.images = make_frames(IMAGES)
+        self.ring = None
+
+    def produce(self, counter, buffer=None):
+        """Return (frame, checksum); ``buffer`` None means one of our own ring."""
+        if buffer is None:
+            if self.ring is None:
+                self.ring = [np.empty(FRAME_SHAPE, np.uint8) for _ in range(FRAME_RING)]
+            buffer = self.ring[counter % FRAME_RING]
+        np.copyto(buffer, self.images[counter % IMAGES])
+        return buffer, stamp_frame(buffer, counter)
 
 
 def frame_checksum(frame):

@@ -7,8 +7,11 @@ timeline, same messages, same checks (bench/common.py); only the glue differs:
   ``main_logic(self)`` takes no data;
 - each flow is its own process, so destinations report through JSON files;
 - the wire policy is chosen per scenario (default "block": lossless, the
-  source waits when the destination is behind); frames are returned as plain
-  numpy arrays in a dict and arrive as read-only views of shared memory.
+  source waits when the destination is behind);
+- the source fills each frame (common.FrameMaker) into ``self.shared_array``,
+  which lives in the wire's shared memory and is sent without a copy
+  (``--frame-buffer own`` fills a plain array instead, which the transport
+  copies on send, as PipeRT 2 does); frames arrive as read-only views.
 """
 import argparse
 import os
@@ -19,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np  # noqa: E402
+
 import common  # noqa: E402
 from pipert import DestinationRoutine, Pipe, SourceRoutine, Wire  # noqa: E402
 
@@ -28,12 +33,13 @@ DEFAULT_DEPTH = {"small": 256, "frame": 4, "fanout": 4}
 class Source(SourceRoutine):
     """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
 
-    def __init__(self, name, scenario, phases, out_dir):
+    def __init__(self, name, scenario, phases, out_dir, frame_buffer):
         super().__init__(name)
         self.scenario = scenario
         self.phases = phases
         self.out_dir = out_dir
-        self.frames = None
+        self.frame_buffer = frame_buffer
+        self.maker = None
         self.schedule = None
         self.counter = 0
         self.reported = False
@@ -43,7 +49,7 @@ class Source(SourceRoutine):
         self.counter = 0
         self.reported = False
         if self.scenario != "small":
-            self.frames = common.make_frames()
+            self.maker = common.FrameMaker()
 
     def main_logic(self):
         tag = self.schedule.next_tag()
@@ -55,8 +61,10 @@ class Source(SourceRoutine):
         self.counter += 1
         if self.scenario == "small":
             return {"counter": counter, "ts": time.perf_counter(), "tag": tag}
-        frame = self.frames[counter % common.FRAME_RING]
-        checksum = common.stamp_frame(frame, counter)
+        buffer = None
+        if self.frame_buffer == "shared":
+            buffer = self.shared_array(common.FRAME_SHAPE, np.uint8)
+        frame, checksum = self.maker.produce(counter, buffer)
         return {"frame": frame, "counter": counter, "checksum": checksum, "tag": tag,
                 "ts": time.perf_counter()}
 
@@ -92,6 +100,8 @@ def main():
     parser.add_argument("--policy", choices=("block", "latest"), default="block",
                         help="wire policy (default: block, lossless)")
     parser.add_argument("--depth", type=int, help="wire depth (default: 256 small, 4 frames)")
+    parser.add_argument("--frame-buffer", choices=("shared", "own"), default="shared",
+                        help="fill frames into self.shared_array (default) or a plain array")
     args = parser.parse_args()
     warmup, run, runs = common.durations(args)
     phases = common.build_phases(args.scenario, warmup, run, runs)
@@ -100,7 +110,7 @@ def main():
     out_dir = tempfile.mkdtemp(prefix="bench-pipert-")
 
     pipe = Pipe()
-    source = Source("source", args.scenario, phases, out_dir)
+    source = Source("source", args.scenario, phases, out_dir, args.frame_buffer)
     sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):
@@ -113,7 +123,7 @@ def main():
         "impl": "pipert",
         "version": getattr(sys.modules["pipert"], "__version__", "dev"),
         "scenario": args.scenario,
-        "config": {"policy": args.policy, "depth": depth,
+        "config": {"policy": args.policy, "depth": depth, "frame_buffer": args.frame_buffer,
                    "warmup_s": warmup, "run_s": run, "runs": runs},
         "driver": info,
     }

@@ -6,7 +6,10 @@ subprocess: bench/pipert2_scenarios.py with that venv's interpreter and
 bench/pipert_scenarios.py with this one; both print one ``BENCH_RESULT`` JSON
 line. Scenarios:
   small   a dict {counter, ts, tag} from a source flow to a destination flow
-  frame   a 1080x1920x3 uint8 frame (PipeRT: SharedMemoryTransmitter)
+  frame   a 1080x1920x3 uint8 frame (PipeRT: SharedMemoryTransmitter); the
+          source fills each frame (one copy of a prepared image) like a
+          camera would, into a plain array (PipeRT) or into
+          Routine.shared_array (pipert, sent without a copy)
   fanout  the same frame to 3 destination flows
   copyto  numpy.copyto of one frame (the memory-bandwidth bound), measured here
 Each scenario: warm-up, 3 throughput runs of 5 s at full speed, then (small
@@ -48,8 +51,13 @@ RUNS = [
     ("small", "pipert", "small", [], True),
     ("frame", "pipert", "frame", [], True),
     ("fanout", "pipert", "fanout", [], True),
+    ("frame-own", "pipert", "frame", ["--frame-buffer", "own"], False),
     ("frame-latest", "pipert", "frame", ["--policy", "latest", "--depth", "1"], False),
 ]
+INFO_TITLES = {
+    "frame-own": "pipert, frames filled into a plain array (copied on send, as PipeRT 2 does):",
+    "frame-latest": "pipert, frames on a 'latest' wire of depth 1:",
+}
 
 
 def log(text):
@@ -288,16 +296,20 @@ def report(results, copy_s, args):
         mine, theirs = get(ours, label, "rate"), get(base, label, "rate")
         print("%-*s %14s %14s" % (width, title, _fmt(100 * mine / copy_fps if mine else None, "%"),
                                   _fmt(100 * theirs / copy_fps if theirs else None, "%")))
-    latest = ours.get("frame-latest") or {}
-    if latest:
-        print("pipert, frames on a 'latest' wire (depth 1), for information:")
-        print("%-*s %14s" % (width, "  frames/s (delivered)", _fmt(latest.get("rate"))))
+    for label, title in INFO_TITLES.items():
+        extra = ours.get(label) or {}
+        if not extra:
+            continue
+        print(title)
+        print("%-*s %14s" % (width, "  frames/s (delivered)", _fmt(extra.get("rate"))))
         print("%-*s %14s" % (width, "  latency p50 / p99, paced 30/s",
-                             "%s / %s" % (_fmt(latest.get("lat_p50"), "us"), _fmt(latest.get("lat_p99"), "us"))))
-        print("%-*s %14s" % (width, "  lost at full load", _fmt(latest.get("loss_pct"), "%")))
+                             "%s / %s" % (_fmt(extra.get("lat_p50"), "us"), _fmt(extra.get("lat_p99"), "us"))))
+        print("%-*s %14s" % (width, "  lost at full load", _fmt(extra.get("loss_pct"), "%")))
     print("Ratios are pipert / PipeRT: above 1 is better for rates, below 1 for latencies.")
-    print("Rates are medians of %s runs; PipeRT 2 uses its defaults (queues of 1, drop when full);"
+    print("Rates are medians of %s runs. PipeRT 2 uses its defaults (queues of 1, drop when full);"
           " pipert uses 'block' wires (lossless)." % (args.runs or common.FULL["runs"]))
+    print("Both sources fill every frame (one copy of a prepared image) before sending it;"
+          " 1/t is the rate of that copy alone.")
 
     small_ratio = _ratio(get(ours, "small", "rate"), get(base, "small", "rate"))
     frame_ratio = _ratio(get(ours, "frame", "rate"), get(base, "frame", "rate"))
