@@ -21,13 +21,17 @@ FRAME_BYTES = FRAME_SHAPE[0] * FRAME_SHAPE[1] * FRAME_SHAPE[2]
 # middle, last pixels. A torn or stale frame shows a mismatch at one of them.
 STAMP_OFFSETS = (0, (FRAME_BYTES // 2) & ~7, FRAME_BYTES - 8)
 SAMPLE_STRIDE = 997          # prime stride: the checksum sample, ~6,200 bytes
-# The source produces each frame as a camera or decoder would: it copies one
-# of IMAGES prepared images into the buffer it is about to send, then stamps
-# the counter into it. Both implementations do this same work per frame; they
-# differ only in the buffer (PipeRT 2: one of FRAME_RING plain arrays, copied
-# by its transmitter; pipert: an array from Routine.shared_array, sent in
-# place). A FRAME_RING buffer is refilled only FRAME_RING frames after it was
-# returned, long after the transport copied it on send.
+# The source stamps each frame before sending it: the counter at three places
+# and a checksum over a strided sample. By default it does not redraw all 6 MB
+# (--fill stamp): the benchmark measures moving frames between flows, not
+# drawing them, and both implementations do the same work per frame. With
+# --fill full the source first copies one of IMAGES prepared images into the
+# buffer, as a camera or decoder writing a new frame would; 1/t (one
+# numpy.copyto) then bounds the rate. The buffer: PipeRT 2 uses one of
+# FRAME_RING plain arrays (prepared once, copied by its transmitter); pipert
+# uses an array from Routine.shared_array, sent in place. A FRAME_RING buffer
+# is reused only FRAME_RING frames after it was returned, long after the
+# transport copied it on send.
 IMAGES = 2
 FRAME_RING = 8
 END_TAG = "end"
@@ -43,6 +47,8 @@ def add_common_args(parser):
     """Add the options both scenario scripts take."""
     parser.add_argument("--scenario", required=True, choices=("small", "frame", "fanout"))
     parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--fill", choices=("stamp", "full"), default="stamp",
+                        help="frames: only stamp the buffer (default) or copy a full image into it first")
     parser.add_argument("--warmup", type=float, help="warm-up seconds")
     parser.add_argument("--run", type=float, help="seconds per measured run")
     parser.add_argument("--runs", type=int, help="number of measured runs")
@@ -123,19 +129,21 @@ def make_frames(count, seed=1234):
 
 
 class FrameMaker:
-    """Source side: fill a buffer with the next image and stamp the counter."""
+    """Source side: stamp the counter into a buffer, after filling it with the next image if ``fill``."""
 
-    def __init__(self):
+    def __init__(self, fill):
         self.images = make_frames(IMAGES)
+        self.fill = fill
         self.ring = None
 
     def produce(self, counter, buffer=None):
         """Return (frame, checksum); ``buffer`` None means one of our own ring."""
         if buffer is None:
             if self.ring is None:
-                self.ring = [np.empty(FRAME_SHAPE, np.uint8) for _ in range(FRAME_RING)]
+                self.ring = [self.images[i % IMAGES].copy() for i in range(FRAME_RING)]
             buffer = self.ring[counter % FRAME_RING]
-        np.copyto(buffer, self.images[counter % IMAGES])
+        if self.fill:
+            np.copyto(buffer, self.images[counter % IMAGES])
         return buffer, stamp_frame(buffer, counter)
 
 

@@ -43,8 +43,9 @@ import pipert2  # noqa: E402
 class Source(FPSRoutine):
     """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
 
-    def __init__(self, name, scenario, phases, out_dir):
+    def __init__(self, name, scenario, phases, out_dir, fill):
         super().__init__(name)
+        self.fill = fill
         self.scenario = scenario
         self.phases = phases
         self.out_dir = out_dir
@@ -58,7 +59,7 @@ class Source(FPSRoutine):
         self.counter = 0
         self.reported = False
         if self.scenario != "small":
-            self.maker = common.FrameMaker()
+            self.maker = common.FrameMaker(self.fill)
 
     def main_logic(self, data=None):
         tag = self.schedule.next_tag()
@@ -127,7 +128,7 @@ def main():
 
     network = QueueNetwork(max_queue_sizes=args.queue_size, put_block=args.put_block)
     pipe = Pipe(network=network, logger=logger, data_transmitter=BasicTransmitter())
-    source = Source("source", args.scenario, phases, out_dir)
+    source = Source("source", args.scenario, phases, out_dir, args.fill == "full")
     sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):

@@ -33,8 +33,9 @@ DEFAULT_DEPTH = {"small": 256, "frame": 4, "fanout": 4}
 class Source(SourceRoutine):
     """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
 
-    def __init__(self, name, scenario, phases, out_dir, frame_buffer):
+    def __init__(self, name, scenario, phases, out_dir, frame_buffer, fill):
         super().__init__(name)
+        self.fill = fill
         self.scenario = scenario
         self.phases = phases
         self.out_dir = out_dir
@@ -49,7 +50,7 @@ class Source(SourceRoutine):
         self.counter = 0
         self.reported = False
         if self.scenario != "small":
-            self.maker = common.FrameMaker()
+            self.maker = common.FrameMaker(self.fill)
 
     def main_logic(self):
         tag = self.schedule.next_tag()
@@ -110,7 +111,7 @@ def main():
     out_dir = tempfile.mkdtemp(prefix="bench-pipert-")
 
     pipe = Pipe()
-    source = Source("source", args.scenario, phases, out_dir, args.frame_buffer)
+    source = Source("source", args.scenario, phases, out_dir, args.frame_buffer, args.fill == "full")
     sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):
@@ -123,7 +124,7 @@ def main():
         "impl": "pipert",
         "version": getattr(sys.modules["pipert"], "__version__", "dev"),
         "scenario": args.scenario,
-        "config": {"policy": args.policy, "depth": depth, "frame_buffer": args.frame_buffer,
+        "config": {"policy": args.policy, "depth": depth, "frame_buffer": args.frame_buffer, "fill": args.fill,
                    "warmup_s": warmup, "run_s": run, "runs": runs},
         "driver": info,
     }

@@ -125,7 +125,8 @@ class _Runner:
                 inbox.bell.acquire()
                 continue
             if source:
-                self._pace()
+                if routine._const_fps or self.auto_interval:
+                    self._pace()
                 data = self._call(routine.main_logic)
             else:
                 message = inbox.next()
@@ -134,7 +135,8 @@ class _Runner:
                 self.messages_in += 1
                 if self.log_data:
                     self._show("input", message)
-                self._pace()
+                if routine._const_fps or self.auto_interval:
+                    self._pace()
                 data = self._call(routine.main_logic, copy.deepcopy(message) if writable else message)
             if data is not None:
                 if self.log_data:
@@ -146,11 +148,10 @@ class _Runner:
         """Wait until the routine's rate cap (const FPS or auto pacing) lets the next call start."""
         fps = self.routine._const_fps
         interval = max(1.0 / fps if fps else 0.0, self.auto_interval)
-        if interval:
+        remaining = self.started_at + interval - time.perf_counter()
+        while remaining > 0 and not self.events:
+            time.sleep(min(remaining, 0.05))
             remaining = self.started_at + interval - time.perf_counter()
-            while remaining > 0 and not self.events:
-                time.sleep(min(remaining, 0.05))
-                remaining = self.started_at + interval - time.perf_counter()
 
     def _show(self, direction: str, data: Any) -> None:
         """Hand a sampled frame of ``data`` to the flow's frame logger."""

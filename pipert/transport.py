@@ -184,25 +184,33 @@ class ShmRing:
                 lock.release()
             _wait(self._space, should_stop)
 
-    def get(self, most: int = 1) -> List[bytes]:
-        """Pop up to ``most`` of the oldest records (with their length prefix), oldest first."""
+    def get(self, everything: bool = False) -> List[bytes]:
+        """Pop the oldest record, or with ``everything`` all waiting ones (copied out in one go,
+        so the lock is held for a single copy), oldest first; each keeps its length prefix."""
         mm, lock = self._mm, self._lock
         lock.acquire()
         try:
             head, tail, count, waiting, dropped = _RING_HDR.unpack_from(mm, 0)
-            records = []
-            while count and len(records) < most:
+            if not count:
+                return []
+            if everything:
+                block, tail, count = memoryview(self._read(tail, head - tail)), head, 0
+            else:
                 record, tail = self._pop(tail)
-                records.append(record)
                 count -= 1
-            if not records:
-                return records
             wake = waiting and count <= self._wake_at
             _RING_HDR.pack_into(mm, 0, head, tail, count, 0 if wake else waiting, dropped)
         finally:
             lock.release()
         if wake:
             self._space.release()
+        if not everything:
+            return [record]
+        records, offset = [], 0
+        while offset < len(block):
+            size = _LEN.unpack_from(block, offset)[0]
+            records.append(block[offset:offset + size])
+            offset += size
         return records
 
     def records(self) -> List[bytes]:
@@ -471,12 +479,12 @@ class RingReader:
         self._ring = ring
         self._pool = pool
         self._receiver = receiver
-        self._batch = ring._depth if policy == BLOCK else 1
+        self._everything = policy == BLOCK
         self._taken: collections.deque = collections.deque()
 
     def poll(self) -> object:
         if not self._taken:
-            self._taken.extend(self._ring.get(self._batch))
+            self._taken.extend(self._ring.get(self._everything))
             if not self._taken:
                 return EMPTY
         record = self._taken.popleft()
@@ -548,6 +556,8 @@ class Inbox:
         """The next waiting message, taking inputs in turn, or EMPTY."""
         readers = self.readers
         n = len(readers)
+        if n == 1:
+            return readers[0].poll()
         for k in range(n):
             obj = readers[(self._turn + k) % n].poll()
             if obj is not EMPTY:

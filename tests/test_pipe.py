@@ -32,13 +32,14 @@ def test_routine_names_default_to_class_and_counter():
 def test_in_flow_chain_passes_dicts_by_reference(make_pipe, tmp_path):
     out = tmp_path / "out.jsonl"
     pipe = make_pipe(wire_policy="block", wire_depth=4)
-    pipe.create_flow("only", True, Counter(limit=50), AddOne(), Recorder(str(out)))
+    recorder = Recorder(str(out))
+    pipe.create_flow("only", True, Counter(limit=50), AddOne(), recorder)
     pipe.build()
     pipe.notify_event("start")
     wait_for(lambda: len(numbers(out)) == 50)
     assert numbers(out) == list(range(2, 52))
     pipe.join(to_kill=True)
-    assert read_lines(out)[-1] == {"routine": "Recorder-0", "cleanup": True}
+    assert read_lines(out)[-1] == {"routine": recorder.name, "cleanup": True}
 
 
 @dataclasses.dataclass
