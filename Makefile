@@ -24,5 +24,8 @@ test: install
 bench: install
 	$(PY) bench/run.py
 
+soak: install
+	$(PY) bench/soak.py
+
 clean:
 	rm -rf $(VENV) *.egg-info
