@@ -16,7 +16,7 @@ $(VENV)/.installed: $(PY) setup.py
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) examples/demo.py
+	$(VENV)/bin/pipert run examples/video_analytics.py:create_pipe --rpc --api --start
 
 test: install
 	$(PY) -m pytest

@@ -1,14 +1,16 @@
 """pipert: a real-time pipeline daemon for video and sensor analytics."""
+from .api import APIWrapper
 from .errors import BuildError, EventError, PipeError, TransportError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, events
 from .log import PIPE_INFRASTRUCTURE
 from .pipe import EventResult, Pipe
 from .routine import DestinationRoutine, MiddleRoutine, Routine, SourceRoutine
+from .rpc import RPCPipeWrapper
 from .socket_logger import get_socket_logger
 from .wire import Wire
 
 __all__ = [
-    "BuildError", "DestinationRoutine", "EventError", "EventResult", "KILL_EVENT_NAME", "MiddleRoutine",
-    "PIPE_INFRASTRUCTURE", "Pipe", "PipeError", "Routine", "START_EVENT_NAME", "STOP_EVENT_NAME",
-    "SourceRoutine", "TransportError", "Wire", "events", "get_socket_logger",
+    "APIWrapper", "BuildError", "DestinationRoutine", "EventError", "EventResult", "KILL_EVENT_NAME",
+    "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Pipe", "PipeError", "RPCPipeWrapper", "Routine", "START_EVENT_NAME",
+    "STOP_EVENT_NAME", "SourceRoutine", "TransportError", "Wire", "events", "get_socket_logger",
 ]

@@ -10,11 +10,13 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /routines/events/<event>/execute                 send <event> to every routine handling it
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
-pass them too; kill, structure and status take none). Responses are JSON: an
-event's acknowledgement ``{"event", "handled_by", "errors", "pending"}``, or
-``{"error": "..."}`` with a 4xx status for bad input (400), a missing or wrong
-token (401), an unknown route or routine (404) or method (405). CORS is open so
-the cockpit's browser page can call the API; preflight requests need no token.
+pass them too; kill, structure and status take none;
+``/routines/events/kill/execute`` is ``/kill``). Responses are JSON: an event's
+acknowledgement ``{"event", "handled_by", "errors", "pending"}``, or
+``{"error": "..."}`` with a 4xx status for bad input (400, 413 over 1 MB), a
+missing or wrong token (401), an unknown route or routine (404) or method
+(405). CORS is open so the cockpit's browser page can call the API; preflight
+requests need no token.
 
 The server is gevent's WSGI server on its own thread and hub; blocking waits
 run on that hub's thread pool, so a slow event handler never delays other
@@ -25,21 +27,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import gevent
 import gevent.pool
-from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from .daemon import Control, ControlError
-from .events import START_EVENT_NAME, STOP_EVENT_NAME
+from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
 _MAX_BODY = 1 << 20
 _MAX_CONNECTIONS = 100
 _STOP_TIMEOUT = 3.0  # seconds requests under way get to finish when the server stops
-_ENDED_POLL = 0.2
 _TOKEN_HELP = "send the header 'Authorization: Bearer TOKEN' or 'X-Pipert-Token: TOKEN'"
 _PREFLIGHT = [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
               ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Pipert-Token"),
@@ -100,6 +103,39 @@ def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
     return extra
 
 
+class _Handler(WSGIHandler):
+    """Counts the requests being answered, so that stopping waits for them but not for idle
+    keep-alive connections."""
+
+    def handle_one_response(self) -> None:
+        self.server.answering += 1
+        try:
+            super().handle_one_response()
+        finally:
+            self.server.answering -= 1
+
+
+class _Server(WSGIServer):
+    """gevent's WSGI server, answering without Nagle's delay (its response goes out in more than one
+    write, which on a keep-alive connection would wait ~40 ms for the client's delayed ACK), and
+    stopping as soon as the requests under way are answered."""
+
+    handler_class = _Handler
+    answering = 0
+
+    def handle(self, sock: socket.socket, address: Tuple[str, int]) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().handle(sock, address)
+
+    def stop_when_answered(self, timeout: float) -> None:
+        """Stop accepting, give the requests under way ``timeout`` seconds, close every connection."""
+        self.close()
+        deadline = time.monotonic() + timeout
+        while self.answering and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        self.stop(timeout=0)
+
+
 class APIWrapper:
     """An HTTP server on ``host``:``port`` that controls ``pipe``; with ``token`` set it refuses
     requests that lack it. ``ack_timeout`` bounds the wait for an event's acknowledgements."""
@@ -117,8 +153,8 @@ class APIWrapper:
 
     def run(self) -> None:
         """Start serving on a background thread; returns once the server listens (raises OSError if it
-        cannot). The server stops once every flow of the pipe has exited, after answering the requests
-        under way."""
+        cannot). The server stops once every flow of the (built) pipe has exited for good and the pipe
+        is shut down, after answering the requests under way."""
         if self._thread is not None:
             raise RuntimeError("this APIWrapper already runs: create one per server")
         listening = threading.Event()
@@ -136,8 +172,8 @@ class APIWrapper:
 
     def _serve(self, listening: threading.Event) -> None:
         try:
-            server = WSGIServer((self.host, self.port), self, spawn=gevent.pool.Pool(_MAX_CONNECTIONS),
-                                log=LoggingLogAdapter(_log, logging.DEBUG), error_log=_log)
+            server = _Server((self.host, self.port), self, spawn=gevent.pool.Pool(_MAX_CONNECTIONS),
+                             log=LoggingLogAdapter(_log, logging.DEBUG), error_log=_log)
             server.start()
         except BaseException as exc:
             self._error = exc
@@ -146,10 +182,9 @@ class APIWrapper:
         self.address = server.address[:2]
         listening.set()
         try:
-            while not self.control.ended():
-                gevent.sleep(_ENDED_POLL)
+            self.control.wait_ended()
         finally:
-            server.stop(timeout=_STOP_TIMEOUT)
+            server.stop_when_answered(_STOP_TIMEOUT)
 
     # ----- the WSGI application -----
 
@@ -157,10 +192,11 @@ class APIWrapper:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
         try:
-            handler, match = self._find(path)
-            if method == "OPTIONS":
+            if method == "OPTIONS":  # a browser's CORS preflight: it carries no credentials
+                self._find(path)
                 return self._respond(start_response, 204, None, _PREFLIGHT)
             self.control.authorize(_request_token(environ), _TOKEN_HELP)
+            handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
             return self._respond(start_response, 200, handler(_extra_args(environ), **match))
@@ -219,6 +255,8 @@ class APIWrapper:
         return self.control.status()
 
     def _execute_all(self, extra_args: Dict[str, Any], event: str) -> Dict[str, Any]:
+        if event == KILL_EVENT_NAME:  # the cockpit's "kill" for the whole pipe: as /kill
+            return self._kill(extra_args)
         return self.control.send(event, None, extra_args)
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:

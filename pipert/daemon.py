@@ -24,18 +24,19 @@ choose the targets, every other key is a parameter of the event's handlers::
 
 A routine named explicitly must handle the event; with ``flows`` or no targets,
 the routines that do not handle it are skipped, but at least one must.
-``execute("join", '{"to_kill": true}')`` is ``join`` itself (``join`` is no event).
+``execute("kill")`` and ``execute("join", '{"to_kill": true}')`` are the ``kill`` and
+``join`` commands themselves, as in PipeRT 2.
 """
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
 from .errors import PipeError
-from .events import START_EVENT_NAME, STOP_EVENT_NAME
+from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
 TARGET_KEYS = ("flows", "routines")
@@ -154,8 +155,20 @@ class Control:
     # ----- events -----
 
     def _off_hub(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking ``function`` on the hub's thread pool; the calling greenlet waits, the hub does not."""
-        return gevent.get_hub().threadpool.apply(function, args)
+        """Run a blocking ``function`` on the hub's thread pool; the calling greenlet waits, the hub does not.
+
+        Its exception is raised here, in the caller (the pool would also print it as a crash).
+        """
+        def call() -> Tuple[Any, Optional[Exception]]:
+            try:
+                return function(*args), None
+            except Exception as exc:
+                return None, exc
+
+        value, error = gevent.get_hub().threadpool.apply(call)
+        if error is not None:
+            raise error
+        return value
 
     def _send_and_wait(self, name: str, targets: Optional[Dict[str, List[str]]],
                        params: Dict[str, Any]) -> Dict[str, Any]:
@@ -175,10 +188,14 @@ class Control:
     def execute(self, name: Any, arguments: Any = None) -> Dict[str, Any]:
         """Send event ``name`` with ``arguments`` (see the module docstring) and wait for its acknowledgement.
 
-        ``join`` is not an event: ``execute("join", '{"to_kill": true}')`` is ``join`` (a zerorpc CLI habit).
+        ``execute("kill")`` is ``kill`` and ``execute("join", '{"to_kill": true}')`` is ``join``, as in PipeRT 2.
         """
         if name == JOIN:
             return self.join(arguments)
+        if name == KILL_EVENT_NAME:
+            if parse_arguments(arguments, "kill"):
+                raise ControlError(f"kill takes no arguments (got {arguments!r}): it ends the whole pipeline")
+            return self.kill()
         params = parse_arguments(arguments, f"event '{name}'")
         targets = self._targets(*(params.pop(key, None) for key in TARGET_KEYS))
         return self.send(name, targets, params)
@@ -197,10 +214,10 @@ class Control:
         """Names of the flows whose process runs."""
         return sorted(name for name, flow in self.pipe.status()["flows"].items() if flow["alive"])
 
-    def ended(self) -> bool:
-        """True once the pipe was built and every flow has exited."""
-        flows = self.pipe.status()["flows"]
-        return bool(flows) and not any(flow["alive"] for flow in flows.values())
+    def wait_ended(self) -> None:
+        """Block the calling greenlet (not its hub) until every flow has exited for good (killed, or
+        failed past its restart policy); the pipe's shared memory is freed by then (``Pipe.join``)."""
+        self._off_hub(self.pipe.join)
 
     def kill(self) -> Dict[str, Any]:
         """Send ``kill`` to every running flow; returns at once (``join`` waits for the exit)."""

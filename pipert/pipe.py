@@ -161,7 +161,9 @@ class Pipe:
         self._all_exited = threading.Event()
         self._zygote: Optional[Zygote] = None
         self._built = False
+        self._building = False
         self._closed = False
+        self._shut_down = threading.Event()
         self._killing = False
         self._previous_sigterm: Any = None
 
@@ -311,7 +313,7 @@ class Pipe:
         flow_of = self._validate()
         self.flows = {flow.name: flow for flow in self._flow_list}
         shm.sweep_stale()
-        self._built = True
+        self._built = self._building = True
         try:
             self._plan(flow_of)
             self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd))
@@ -320,12 +322,20 @@ class Pipe:
             for name in self.flows:
                 self._states[name] = _FlowState()
                 self._spawn(name)
+            deadline = time.monotonic() + _READY_TIMEOUT
             for name, state in self._states.items():
-                if not state.ready.wait(_READY_TIMEOUT):
-                    raise BuildError(f"flow '{name}' did not start within {_READY_TIMEOUT:.0f} s: see its log")
+                while not state.ready.wait(0.05):
+                    if state.last_exit is not None:
+                        raise BuildError(f"flow '{name}' ended while starting ({state.last_exit['how']}): "
+                                         "see its log")
+                    if time.monotonic() > deadline:
+                        raise BuildError(f"flow '{name}' did not start within {_READY_TIMEOUT:.0f} s: "
+                                         "see its log")
         except BaseException:
             self._shutdown()
             raise
+        finally:
+            self._building = False
         self._install_sigterm()
         if self._auto_pacing:
             threading.Thread(target=self._pace_sources, name="pipert-pacing", daemon=True).start()
@@ -436,7 +446,8 @@ class Pipe:
     def _schedule_restart(self, flow: str, code: int) -> bool:
         """Restart ``flow`` later if its policy and budget allow; True if scheduled."""
         spec, state = self.flows[flow], self._states[flow]
-        if spec.restart == "never" or (spec.restart == "on-failure" and code == 0) or self._closed:
+        if spec.restart == "never" or (spec.restart == "on-failure" and code == 0) or self._closed \
+                or self._building:
             return False
         now = time.monotonic()
         state.restart_times = [t for t in state.restart_times if now - t < spec.restart_window]
@@ -597,8 +608,9 @@ class Pipe:
                 for routine in routines:
                     result._ack(routine, f"flow '{flow}' is not running")
         if len(self._results) > 1000:
-            for old in [k for k, r in self._results.items() if r.done][:-100]:
-                self._results.pop(old, None)
+            with self._lock:
+                for old in [k for k, r in list(self._results.items()) if r.done][:-100]:
+                    self._results.pop(old, None)
         return result
 
     def notify_event(self, event_name: str, specific_flow_routines: Optional[Dict[str, Any]] = None,
@@ -622,6 +634,11 @@ class Pipe:
         return self._dispatch(event_name, resolved, params)
 
     # ----- ending -----
+
+    @property
+    def built(self) -> bool:
+        """Whether ``build()`` has run (the pipe may have ended since)."""
+        return self._built
 
     def kill(self) -> None:
         """Send ``kill`` to every running flow and return; ``join`` waits for them to exit.
@@ -665,9 +682,18 @@ class Pipe:
     def _shutdown(self) -> None:
         """Kill what still runs, wait for it, free every shared-memory object. Idempotent."""
         with self._lock:
-            if self._closed:
-                return
+            closing_elsewhere = self._closed
             self._closed = True
+        if closing_elsewhere:
+            self._shut_down.wait()
+            return
+        try:
+            self._stop_everything()
+        finally:
+            self._shut_down.set()
+
+    def _stop_everything(self) -> None:
+        """The body of ``_shutdown``, run once."""
         if any(s.alive for s in self._states.values()):
             self.kill()
             if not self._all_exited.wait(self._kill_grace + 0.5):

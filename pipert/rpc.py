@@ -31,7 +31,6 @@ from .pipe import Pipe
 TOKEN_HEADER = "pipert_token"
 _TOKEN_HELP = "pass it with `pipert zerorpc --token TOKEN ...` (or PIPERT_TOKEN), or register " \
               "pipert.rpc.SendToken(TOKEN) on your zerorpc client's context"
-_ENDED_POLL = 0.2  # seconds between two checks whether the pipeline has ended
 _log = logging.getLogger(__name__)
 
 
@@ -99,18 +98,21 @@ class RPCPipeWrapper(zerorpc.Server):
         self.run()
 
     def run(self) -> None:
-        """Serve on the bound endpoints until ``stop()`` or until every flow has exited (killed over
-        RPC, HTTP, by a signal or by a routine); calls under way are answered first."""
+        """Serve on the bound endpoints until every flow has exited for good (killed over RPC or HTTP,
+        by a signal or by a routine) and the pipe is shut down, or until ``stop()``. Calls under way
+        are answered first."""
         watcher = gevent.spawn(self._stop_when_ended)
         try:
             super().run()
         finally:
             watcher.kill()
+        watcher.get()  # raises what wait_ended raised, e.g. for a pipe that was never built
 
     def _stop_when_ended(self) -> None:
-        while not self.control.ended():
-            gevent.sleep(_ENDED_POLL)
-        self.stop()
+        try:
+            self.control.wait_ended()
+        finally:
+            self.stop()
 
     def _call(self, command: Callable[..., Dict[str, Any]], *args: Any) -> Dict[str, Any]:
         try:
