@@ -36,6 +36,7 @@ and sends ``SINK_DONE``; once both have, the source sends ``kill`` and the daemo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -45,7 +46,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from pipert import DestinationRoutine, MiddleRoutine, Pipe, SourceRoutine, Wire, events
+from pipert import (PIPE_INFRASTRUCTURE, DestinationRoutine, MiddleRoutine, Pipe, SourceRoutine, Wire, events,
+                    get_socket_logger)
 
 Box = List[int]  # [x, y, w, h] in full-frame pixels
 VIDEO_NAME = "annotated.mp4"
@@ -456,7 +458,7 @@ def create_pipe(seconds: Optional[float] = None, video: Optional[str] = None, si
     log = DetectionLog(os.path.join(out_, LOG_NAME))
     source = Capture(source_video, (width, height), fps_, round(seconds_ * fps_), sinks=(writer.name, log.name))
     detector, tracker = Detector(), Tracker()
-    pipe = Pipe()
+    pipe = Pipe(logger=demo_logger())
     pipe.create_flow("capture", False, source)
     pipe.create_flow("detection", False, detector)
     pipe.create_flow("tracking", False, tracker)
@@ -465,6 +467,20 @@ def create_pipe(seconds: Optional[float] = None, video: Optional[str] = None, si
               Wire(source=detector, destinations=(tracker,), policy="latest", depth=1),
               Wire(source=tracker, destinations=(writer, log), policy="block", depth=4))
     return pipe
+
+
+def demo_logger() -> logging.Logger:
+    """The terminal at INFO and, when SOCKET_LOGGER_URL is set (environment or .env), the PipeRT
+    cockpit with everything it shows: routines, FPS (PIPE_INFRASTRUCTURE records) and frames."""
+    logger = get_socket_logger("pipe", PIPE_INFRASTRUCTURE)
+    console = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]
+    if not console:
+        console = [logging.StreamHandler()]
+        logger.addHandler(console[0])
+    for handler in console:
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return logger
 
 
 def main() -> None:
