@@ -36,7 +36,7 @@ import gevent
 import gevent.pool
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
-from .daemon import Control, ControlError
+from .control import Control, ControlError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 

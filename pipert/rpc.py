@@ -2,7 +2,7 @@
 
 ``RPCPipeWrapper(pipe).run_rpc_server("tcp://127.0.0.1:4242")`` serves the
 methods ``execute(name, arguments)``, ``start``, ``pause``, ``kill``,
-``join(arguments)``, ``structure`` and ``status`` (see ``pipert.daemon`` for the
+``join(arguments)``, ``structure`` and ``status`` (see ``pipert.control`` for the
 form of ``execute``'s arguments and for what each returns). Bad input comes
 back to the caller as a ``zerorpc.RemoteError`` named ``ControlError``; the
 server and the pipe go on. zerorpc speaks msgpack: nothing received is ever
@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import gevent
 import zerorpc
 
-from .daemon import Control, ControlError
+from .control import Control, ControlError
 from .pipe import Pipe
 
 TOKEN_HEADER = "pipert_token"
