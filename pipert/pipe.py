@@ -441,7 +441,7 @@ class Pipe:
                 target.ring.recover(True, target.on_drop, wire.destination_flow == flow)
             elif wire.destination_flow == flow:
                 kept = target.ring.recover(False, target.on_drop, True)
-                target._pool.release_all(target.receiver, kept)
+                target.pool.release_all(target.receiver, kept)
 
     def _schedule_restart(self, flow: str, code: int) -> bool:
         """Restart ``flow`` later if its policy and budget allow; True if scheduled."""
@@ -712,7 +712,7 @@ class Pipe:
 
     def _close_shared_memory(self) -> None:
         """Close the daemon's own mappings and semaphores (they hold file descriptors)."""
-        pools = {id(w.target._pool): w.target._pool for w in self._remote if w.target._pool is not None}
+        pools = {id(w.target.pool): w.target.pool for w in self._remote if w.target.pool is not None}
         for wire in self._remote:
             wire.target.ring.close()
         for pool in pools.values():

@@ -503,12 +503,12 @@ class RemoteTarget:
         self.ring = ring
         self.bell = bell
         self.receiver = receiver
-        self._pool = pool
+        self.pool = pool
 
     def on_drop(self, record: bytes) -> None:
         """A record of this receiver's was dropped unread: release its pool slots."""
         for ref in _refs(record):
-            self._pool.release(ref[0], self.receiver)
+            self.pool.release(ref[0], self.receiver)
 
 
 class WireSender:
