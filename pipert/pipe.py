@@ -470,14 +470,14 @@ class Pipe:
         try:
             if self._closed or self._killing:
                 return
+            for wire in self._remote:  # before the new consumer reads: producers stop dropping for it
+                if wire.destination_flow == flow:
+                    wire.target.ring.consumer_back()
             self._spawn(flow)
             if not state.ready.wait(_READY_TIMEOUT):
                 self.logger.error("restarted flow '%s' did not start within %.0f s", flow, _READY_TIMEOUT)
                 return
             state.restarts += 1
-            for wire in self._remote:
-                if wire.destination_flow == flow:
-                    wire.target.ring.consumer_back()
             wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
                 self._dispatch(START_EVENT_NAME, {flow: wanted}, {})

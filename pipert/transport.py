@@ -93,9 +93,13 @@ class LocalChannel:
         return len(self._queue)
 
 
-_RING_HDR = struct.Struct("=QQIIQ")  # head, tail, count, producer waiting, dropped
-_RING_GONE = _RING_HDR.size  # one byte: 1 while the consumer's flow is dead
-_RING_HDR_SIZE = 64
+# Ring header: one 8-byte field per counter, each written by one side only (the
+# producer's and the consumer's on separate cache lines); aligned 8-byte loads
+# and stores through ctypes are atomic on the platforms we run on.
+_HEAD, _WRITTEN, _DROPPED = 0, 8, 16  # bytes written, records written, records dropped (producer)
+_TAIL, _READ = 64, 72  # bytes read, records read (consumer; the producer under the lock or when gone)
+_GONE = 128  # 1 while the consumer's flow is dead (set by the daemon)
+_RING_HDR_SIZE = 192
 _RECOVERY_WAIT = 0.5  # seconds the daemon waits for a ring lock before taking it from a dead holder
 _LEN = struct.Struct("=I")
 
@@ -103,10 +107,12 @@ _LEN = struct.Struct("=I")
 class ShmRing:
     """A bounded queue of length-prefixed records from one producer to one consumer process.
 
-    The header and the records are guarded by a semaphore used as a mutex; the
-    ``space`` semaphore wakes a producer that waits under the ``block`` policy
-    once the consumer has emptied half of the ring, so a fast producer and a
-    slower consumer do not wake each other for every message.
+    Under ``block`` it is lock-free: the producer alone moves the head, the
+    consumer alone the tail. A producer that finds it full sleeps on ``space``
+    until the consumer has emptied half of it, so a fast producer and a slower
+    consumer do not wake each other for every message. Under ``latest`` the
+    producer drops the oldest records itself, which moves the tail too, so both
+    sides take ``lock`` (a semaphore used as a mutex).
     """
 
     def __init__(self, mm: mmap.mmap, lock: posix_ipc.Semaphore, space: posix_ipc.Semaphore,
@@ -118,6 +124,9 @@ class ShmRing:
         self._depth = depth
         self._wake_at = depth // 2
         self._block = policy == BLOCK
+        self._head, self._written, self._dropped, self._tail, self._read_count = (
+            ctypes.c_uint64.from_buffer(mm, offset) for offset in (_HEAD, _WRITTEN, _DROPPED, _TAIL, _READ))
+        self._gone = ctypes.c_uint8.from_buffer(mm, _GONE)
 
     @classmethod
     def create(cls, pipe_id: str, tag: str, capacity: int, depth: int, policy: str) -> "ShmRing":
@@ -133,11 +142,13 @@ class ShmRing:
 
     def _write(self, pos: int, data: bytes) -> None:
         start = pos % self._cap
-        first = min(len(data), self._cap - start)
-        view = memoryview(data)
-        self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + first] = view[:first]
-        if first < len(data):
-            self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + len(data) - first] = view[first:]
+        end = start + len(data)
+        if end <= self._cap:
+            self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + end] = data
+            return
+        view, first = memoryview(data), self._cap - start
+        self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + self._cap] = view[:first]
+        self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + len(data) - first] = view[first:]
 
     def _read(self, pos: int, size: int) -> bytes:
         start = pos % self._cap
@@ -147,130 +158,130 @@ class ShmRing:
         return self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + self._cap] + \
             self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + size - first]
 
-    def _pop(self, tail: int) -> Tuple[bytes, int]:
-        size = _LEN.unpack(self._read(tail, _LEN.size))[0]
-        return self._read(tail, size), tail + size
+    def _pop_oldest(self) -> bytes:
+        """Take the oldest record off the ring (the consumer, or the producer while it may)."""
+        tail = self._tail.value
+        record = self._read(tail, _LEN.unpack(self._read(tail, _LEN.size))[0])
+        self._tail.value = tail + len(record)
+        self._read_count.value += 1
+        return record
+
+    def _full(self, need: int) -> bool:
+        return (self._written.value - self._read_count.value >= self._depth
+                or self._cap - (self._head.value - self._tail.value) < need)
+
+    def _append(self, record: bytes) -> None:
+        head = self._head.value
+        self._write(head, record)
+        self._head.value = head + len(record)
+        self._written.value += 1
 
     def put(self, record: bytes, on_drop: Callable[[bytes], None], should_stop: Callable[[], bool]) -> None:
-        """Append ``record`` (it starts with its own length); under ``latest`` drop the oldest to make room."""
+        """Append ``record`` (it starts with its own length); under ``latest``, or while the
+        consumer's flow is dead, drop the oldest records to make room."""
         need = len(record)
         if need > self._cap:
             raise TransportError(
                 f"a message of {need} bytes is larger than the wire's ring ({self._cap} bytes): send large "
                 "data as contiguous numpy arrays (they go through the pool) or raise Pipe(ring_capacity=...)")
-        mm, cap, lock = self._mm, self._cap, self._lock
-        while True:
-            lock.acquire()
-            try:
-                head, tail, count, waiting, dropped = _RING_HDR.unpack_from(mm, 0)
-                full = count >= self._depth or cap - (head - tail) < need
-                if full and self._block and not mm[_RING_GONE]:
-                    _RING_HDR.pack_into(mm, 0, head, tail, count, 1, dropped)
-                else:
-                    while full:
-                        dropped_record, tail = self._pop(tail)
-                        count -= 1
-                        dropped += 1
-                        on_drop(dropped_record)
-                        full = count >= self._depth or cap - (head - tail) < need
-                    start = head % cap
-                    if start + need <= cap:
-                        mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + need] = record
-                    else:
-                        self._write(head, record)
-                    _RING_HDR.pack_into(mm, 0, head + need, tail, count + 1, waiting, dropped)
-                    return
-            finally:
-                lock.release()
-            _wait(self._space, should_stop)
+        if not self._block:
+            with self._lock:
+                self._drop_until_room(need, on_drop)
+                self._append(record)
+            return
+        while self._full(need):
+            if self._gone.value:
+                self._drop_until_room(need, on_drop)
+                break
+            while True:  # forget stale wake-ups, look again, then sleep until the consumer makes room
+                try:
+                    self._space.acquire(0)
+                except posix_ipc.BusyError:
+                    break
+            if self._full(need) and not self._gone.value:
+                _wait(self._space, should_stop)
+        self._append(record)
+
+    def _drop_until_room(self, need: int, on_drop: Callable[[bytes], None]) -> None:
+        while self._full(need):
+            on_drop(self._pop_oldest())
+            self._dropped.value += 1
 
     def get(self, everything: bool = False) -> List[bytes]:
-        """Pop the oldest record, or with ``everything`` all waiting ones (copied out in one go,
-        so the lock is held for a single copy), oldest first; each keeps its length prefix."""
-        mm, lock = self._mm, self._lock
-        lock.acquire()
-        try:
-            head, tail, count, waiting, dropped = _RING_HDR.unpack_from(mm, 0)
-            if not count:
-                return []
-            if everything:
-                block, tail, count = memoryview(self._read(tail, head - tail)), head, 0
-            else:
-                record, tail = self._pop(tail)
-                count -= 1
-            wake = waiting and count <= self._wake_at
-            _RING_HDR.pack_into(mm, 0, head, tail, count, 0 if wake else waiting, dropped)
-        finally:
-            lock.release()
-        if wake:
-            self._space.release()
+        """Pop the oldest record, or with ``everything`` all waiting ones (copied out in one
+        go), oldest first; each keeps its length prefix."""
         if not everything:
-            return [record]
+            with self._lock:
+                return [self._pop_oldest()] if self._written.value != self._read_count.value else []
+        head, tail = self._head.value, self._tail.value
+        if head == tail:
+            return []
+        waiting = self._written.value - self._read_count.value
+        block = memoryview(self._read(tail, head - tail))
         records, offset = [], 0
         while offset < len(block):
             size = _LEN.unpack_from(block, offset)[0]
             records.append(block[offset:offset + size])
             offset += size
+        self._tail.value = head
+        self._read_count.value += len(records)
+        if waiting > self._wake_at or head - tail > self._cap // 2:
+            self._space.release()
         return records
 
     def records(self) -> List[bytes]:
-        """The waiting records, oldest first, without taking them (caller holds the lock)."""
-        head, tail, count, _, _ = _RING_HDR.unpack_from(self._mm, 0)
-        found = []
-        for _ in range(count):
-            record, tail = self._pop(tail)
+        """The waiting records, oldest first, without taking them."""
+        found, pos = [], self._tail.value
+        for _ in range(self._written.value - self._read_count.value):
+            record = self._read(pos, _LEN.unpack(self._read(pos, _LEN.size))[0])
             found.append(record)
+            pos += len(record)
         return found
 
     def recover(self, drop: bool, on_drop: Callable[[bytes], None], consumer_gone: bool) -> List[bytes]:
-        """Daemon side, after a flow died: take the lock even from a dead holder, drop the
-        waiting records if ``drop``, mark whether the consumer is gone (a ``block``
-        producer then drops instead of waiting forever), wake the producer.
-        Returns the records still waiting."""
-        try:
-            self._lock.acquire(_RECOVERY_WAIT)
-        except posix_ipc.BusyError:
-            pass  # the dead process held it; the lock is ours now
-        try:
-            kept = self.records()
-            if drop and kept:
-                head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
-                for record in kept:
-                    on_drop(record)
-                _RING_HDR.pack_into(self._mm, 0, head, head, 0, 0, dropped + count)
+        """Daemon side, after a flow died: mark whether the consumer is gone (a ``block``
+        producer then drops instead of waiting forever), wake the producer, and return
+        the records still waiting. With ``drop`` (the producer died) a ``latest`` ring
+        is emptied under its lock, taken even from a dead holder; a ``block`` ring has
+        no lock and its live consumer skips records whose slots are gone."""
+        self._gone.value = consumer_gone
+        kept = self.records()
+        if drop and not self._block:
+            try:
+                self._lock.acquire(_RECOVERY_WAIT)
+            except posix_ipc.BusyError:
+                pass  # the dead process held it; the lock is ours now
+            try:
+                while self._written.value != self._read_count.value:
+                    on_drop(self._pop_oldest())
+                    self._dropped.value += 1
                 kept = []
-            self._mm[_RING_GONE] = consumer_gone
-        finally:
-            self._lock.release()
+            finally:
+                self._lock.release()
         self._space.release()
         return kept
 
     def consumer_back(self) -> None:
-        """The consumer's flow runs again: a ``block`` producer waits for room again."""
-        self._mm[_RING_GONE] = 0
+        """The consumer's flow runs (again): a ``block`` producer waits for room again."""
+        self._gone.value = 0
 
     def close(self) -> None:
         """Unmap the ring and close its semaphores in this process (the daemon, at the end)."""
         self._final_stats = self.stats()
+        del self._head, self._written, self._dropped, self._tail, self._read_count, self._gone
         self._mm.close()
         self._lock.close()
         self._space.close()
 
     def count_drop(self) -> None:
         """Count a message that never entered the ring (pool exhausted under ``latest``)."""
-        self._lock.acquire()
-        try:
-            head, tail, count, waiting, dropped = _RING_HDR.unpack_from(self._mm, 0)
-            _RING_HDR.pack_into(self._mm, 0, head, tail, count, waiting, dropped + 1)
-        finally:
-            self._lock.release()
+        self._dropped.value += 1
 
     def stats(self) -> Tuple[int, int]:
         """(messages waiting, messages dropped so far); the last figures once closed."""
         if self._mm.closed:
             return self._final_stats
-        _, _, count, _, dropped = _RING_HDR.unpack_from(self._mm, 0)
-        return count, dropped
+        return self._written.value - self._read_count.value, self._dropped.value
 
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
