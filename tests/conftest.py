@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from helpers import living  # noqa: E402
 from pipert import Pipe, shm  # noqa: E402
 
 
@@ -23,18 +24,6 @@ class ListHandler(logging.Handler):
 
     def messages(self, level=None):
         return [r.getMessage() for r in self.records if level is None or r.levelno == level]
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture
@@ -58,7 +47,7 @@ def make_pipe():
         pipe._shutdown()
     for pipe in pipes:
         pids = [s.pid for s in pipe._states.values() if s.pid]
-        assert not [p for p in pids if _alive(p)], "flow processes outlived the pipe"
+        assert not living(pids), "flow processes outlived the pipe"
         assert not [e for e in shm.leftovers() if f"_{pipe.id}_" in e], "shared memory left behind"
 
 

@@ -1,6 +1,9 @@
-"""Routines and waits shared by the tests; results cross processes through files."""
+"""Routines, waits and process helpers shared by the tests; results cross processes through files."""
 import json
 import os
+import shutil
+import socket
+import sys
 import time
 
 import numpy as np
@@ -17,6 +20,54 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_env(**extra):
+    """The environment without the machine's pipert settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPERT_") and k != "SOCKET_LOGGER_URL"}
+    env.update(extra)
+    return env
+
+
+def pipert_command():
+    """The console script next to this Python, else ``python -m pipert``."""
+    script = shutil.which("pipert", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "pipert"]
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def descendants(root):
+    """Pids of every live process below ``root``."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        fields = _state(entry) if entry.isdigit() else None
+        if fields and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def living(pids):
+    """The pids of ``pids`` that are alive (zombies count as gone)."""
+    return [pid for pid in pids if (_state(pid) or ["Z"])[0] != "Z"]
 
 
 def read_lines(path):

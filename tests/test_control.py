@@ -9,7 +9,6 @@ import ast
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,63 +21,13 @@ import pytest
 import requests
 import zerorpc
 
-from helpers import read_lines, wait_for
+from helpers import clean_env, descendants, free_port, living, pipert_command, read_lines, wait_for
 from pipert import shm
 from pipert.rpc import SendToken
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 TARGET = os.path.join(TESTS, "control_target.py")
 ALL_PING = ["relay", "ticker"]
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPERT_") and k != "SOCKET_LOGGER_URL"}
-    env.update(extra)
-    return env
-
-
-def pipert_command():
-    """The console script if installed next to this Python, else ``python -m pipert``."""
-    script = shutil.which("pipert", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "pipert"]
-
-
-def descendants(root):
-    """Pids of every live process below ``root``."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if fields[0] != "Z":
-                parents.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
-
-
-def alive(pids):
-    living = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    living.append(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return living
 
 
 class Daemon:
@@ -171,9 +120,9 @@ def daemons(tmp_path):
         daemon.proc.stdout.close()
     for daemon in started:
         try:
-            wait_for(lambda: not alive(daemon.pids), timeout=10)
+            wait_for(lambda: not living(daemon.pids), timeout=10)
         except AssertionError:
-            for pid in alive(daemon.pids):
+            for pid in living(daemon.pids):
                 os.kill(pid, signal.SIGKILL)
             problems.append(f"processes {daemon.pids} outlived daemon {daemon.proc.pid}")
         if daemon.pipe_id:
@@ -434,12 +383,12 @@ def test_token_from_dotenv_is_required_by_rpc_and_http(daemons, rpc_clients, tmp
 def test_signal_shuts_the_daemon_down_cleanly(daemons, signum, target):
     daemon = daemons("--start", target=target)
     wait_for(lambda: daemon.status()["routines"]["sink"]["messages_in"] > 0)
-    assert len(alive(daemon.pids)) == 4  # daemon, zygote, two flows
+    assert len(living(daemon.pids)) == 4  # daemon, zygote, two flows
     assert [e for e in shm.leftovers() if f"_{daemon.pipe_id}_" in e]
     daemon.proc.send_signal(signum)
     assert daemon.exit_code() == 0, daemon.stderr()
     assert f"pipert: stopping on {signal.Signals(signum).name}" in daemon.output
-    wait_for(lambda: not alive(daemon.pids), timeout=5)
+    wait_for(lambda: not living(daemon.pids), timeout=5)
     assert not [e for e in shm.leftovers() if f"_{daemon.pipe_id}_" in e]
 
 
@@ -548,5 +497,5 @@ def test_wrappers_in_a_pipert2_style_script(tmp_path):
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
-    wait_for(lambda: not alive(pids), timeout=10)
+    wait_for(lambda: not living(pids), timeout=10)
     assert not [e for e in shm.leftovers() if f"_{line[1]}_" in e]

@@ -10,17 +10,15 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
 import cv2
 import requests
 
+from helpers import clean_env, descendants, free_port, living, pipert_command
 from pipert import shm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,53 +26,6 @@ DEMO = os.path.join(ROOT, "examples", "video_analytics.py") + ":create_pipe"
 ROUTINES = ["detector", "json_logger", "source", "tracker", "video_writer"]
 SUMMARY_ROUTINE = re.compile(r"^pipert: routine (\S+) \(flow (\S+)\): (\w+), in (\d+), out (\d+)$")
 SUMMARY_WIRE = re.compile(r"^pipert: wire (\S+) -> (\S+): dropped (\d+)$")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict:
-    """The environment without pipert settings of the machine, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPERT_") and k != "SOCKET_LOGGER_URL"}
-    env.update(extra)
-    return env
-
-
-def pipert_command() -> list:
-    """The console script next to this Python, else ``python -m pipert``."""
-    script = shutil.which("pipert", path=os.path.dirname(sys.executable))
-    return [script] if script else [sys.executable, "-m", "pipert"]
-
-
-def descendants(root: int) -> list:
-    """Pids of every live process below ``root``."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            if fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        below = children.get(todo.pop(), [])
-        found += below
-        todo += below
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 class Daemon:
@@ -164,9 +115,8 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for pid in self.pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        for pid in living(self.pids):
+            os.kill(pid, signal.SIGKILL)
 
 
 def demo_env(out: str, seconds: float) -> dict:
@@ -226,7 +176,7 @@ def test_demo_runs_is_controlled_and_finds_the_objects(tmp_path):
     stderr = daemon.stderr()
     assert "min_area 300 -> 250" in stderr and "min_area 250 -> 300" in stderr
     assert len(re.findall(r"latency source->sink mean [\d.]+ ms, p99 [\d.]+ ms", stderr)) == 2
-    assert not [p for p in daemon.pids if alive(p)], "processes outlived the daemon"
+    assert not living(daemon.pids), "processes outlived the daemon"
     assert not [e for e in shm.leftovers() if f"_{daemon.pipe_id}_" in e], "shared memory left behind"
 
     # Frames: every frame the source sent is in the video and the log, or counted as dropped.
@@ -265,5 +215,5 @@ def test_endless_demo_stops_on_kill_with_complete_outputs(tmp_path):
     records = open(os.path.join(out, "detections.jsonl")).read().splitlines()
     frames = video_frames(os.path.join(out, "annotated.mp4"))
     assert len(records) >= 30 and abs(frames - len(records)) <= 5  # each sink stops where the kill finds it
-    assert not [p for p in daemon.pids if alive(p)], "processes outlived the daemon"
+    assert not living(daemon.pids), "processes outlived the daemon"
     assert not [e for e in shm.leftovers() if f"_{daemon.pipe_id}_" in e], "shared memory left behind"

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import AddOne, Counter, EventLog, Recorder, read_lines, wait_for
+from helpers import AddOne, Counter, EventLog, Recorder, living, read_lines, wait_for
 from pipert import (BuildError, DestinationRoutine, EventError, MiddleRoutine, PIPE_INFRASTRUCTURE, SourceRoutine,
                     Wire, events, shm)
 
@@ -360,19 +360,6 @@ def _run_script(code, tmp_path):
                             text=True, cwd=ROOT)
 
 
-def _pids_alive(pids):
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(")")[-1].split()[0] != "Z":
-                    alive.append(pid)
-        except (ProcessLookupError, FileNotFoundError):
-            pass
-    return alive
-
-
 def test_readme_example_runs_as_written():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "readme_example.py")],
                             capture_output=True, text=True, timeout=60)
@@ -414,7 +401,7 @@ def test_no_process_or_shared_memory_outlives_the_script(tmp_path, mode, sig):
             time.sleep(0.2)
             proc.send_signal(sig)
         proc.wait(timeout=20)
-        wait_for(lambda: not _pids_alive(pids), timeout=5)
+        wait_for(lambda: not living(pids), timeout=5)
         assert not [e for e in shm.leftovers() if f"_{pipe_id}_" in e]
     finally:
         proc.kill()

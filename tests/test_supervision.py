@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Counter, Recorder, read_lines, wait_for
+from helpers import Counter, Recorder, living, read_lines, wait_for
 from pipert import DestinationRoutine, SourceRoutine, Wire, shm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,8 +195,7 @@ def test_flows_exit_and_memory_is_freed_when_the_daemon_is_sigkilled(tmp_path):
         assert [e for e in shm.leftovers() if f"_{pipe_id}_" in e]
         proc.kill()
         proc.wait()
-        from test_pipe import _pids_alive
-        wait_for(lambda: not _pids_alive(pids), timeout=8)
+        wait_for(lambda: not living(pids), timeout=8)
         wait_for(lambda: not [e for e in shm.leftovers() if f"_{pipe_id}_" in e], timeout=3)
     finally:
         proc.kill()
