@@ -147,6 +147,40 @@ class FrameMaker:
         return buffer, stamp_frame(buffer, counter)
 
 
+class SourceState:
+    """What both implementations' sources do per message: follow the phase schedule,
+    count, report what was sent once the run ends, and stamp frames."""
+
+    def __init__(self, name, scenario, phases, out_dir, fill):
+        self.name, self.scenario, self.phases, self.out_dir, self.fill = name, scenario, phases, out_dir, fill
+        self.schedule = self.maker = None
+        self.counter = 0
+        self.reported = False
+
+    def start(self):
+        """Reset for a run (in the routine's setup, inside the flow process)."""
+        self.schedule = Schedule(self.phases)
+        self.counter = 0
+        self.reported = False
+        if self.scenario != "small":
+            self.maker = FrameMaker(self.fill)
+
+    def next(self, buffer=None):
+        """(tag, counter, frame, checksum) of the next message; frame and checksum are None
+        for small messages. ``buffer`` is where to put the frame (None: the maker's own)."""
+        tag = self.schedule.next_tag()
+        if tag == END_TAG and not self.reported:
+            self.reported = True
+            write_json(os.path.join(self.out_dir, self.name + ".json"),
+                       {"name": self.name, "sent": dict(self.schedule.sent)})
+        counter = self.counter
+        self.counter += 1
+        if self.scenario == "small":
+            return tag, counter, None, None
+        frame, checksum = self.maker.produce(counter, buffer)
+        return tag, counter, frame, checksum
+
+
 def frame_checksum(frame):
     """Cheap checksum: sum of a strided sample of the frame's bytes."""
     return int(frame.reshape(-1)[::SAMPLE_STRIDE].sum(dtype=np.uint64))

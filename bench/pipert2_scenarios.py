@@ -43,35 +43,17 @@ import pipert2  # noqa: E402
 class Source(FPSRoutine):
     """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
 
-    def __init__(self, name, scenario, phases, out_dir, fill):
-        super().__init__(name)
-        self.fill = fill
-        self.scenario = scenario
-        self.phases = phases
-        self.out_dir = out_dir
-        self.maker = None
-        self.schedule = None
-        self.counter = 0
-        self.reported = False
+    def __init__(self, state):
+        super().__init__(state.name)
+        self.state = state
 
     def setup(self):
-        self.schedule = common.Schedule(self.phases)
-        self.counter = 0
-        self.reported = False
-        if self.scenario != "small":
-            self.maker = common.FrameMaker(self.fill)
+        self.state.start()
 
     def main_logic(self, data=None):
-        tag = self.schedule.next_tag()
-        if tag == common.END_TAG and not self.reported:
-            self.reported = True
-            common.write_json(os.path.join(self.out_dir, self.name + ".json"),
-                              {"name": self.name, "sent": dict(self.schedule.sent)})
-        counter = self.counter
-        self.counter += 1
-        if self.scenario == "small":
+        tag, counter, frame, checksum = self.state.next()
+        if frame is None:
             return {"counter": counter, "ts": time.perf_counter(), "tag": tag}
-        frame, checksum = self.maker.produce(counter)
         out = Data()
         out.additional_data = {"frame": frame, "counter": float(counter),
                                "checksum": float(checksum), "tag": tag,
@@ -128,7 +110,7 @@ def main():
 
     network = QueueNetwork(max_queue_sizes=args.queue_size, put_block=args.put_block)
     pipe = Pipe(network=network, logger=logger, data_transmitter=BasicTransmitter())
-    source = Source("source", args.scenario, phases, out_dir, args.fill == "full")
+    source = Source(common.SourceState("source", args.scenario, phases, out_dir, args.fill == "full"))
     sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):

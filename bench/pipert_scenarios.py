@@ -33,39 +33,20 @@ DEFAULT_DEPTH = {"small": 256, "frame": 4, "fanout": 4}
 class Source(SourceRoutine):
     """Sends counter + timestamp (+ a stamped 1080p frame) as fast as allowed."""
 
-    def __init__(self, name, scenario, phases, out_dir, frame_buffer, fill):
-        super().__init__(name)
-        self.fill = fill
-        self.scenario = scenario
-        self.phases = phases
-        self.out_dir = out_dir
+    def __init__(self, state, frame_buffer):
+        super().__init__(state.name)
+        self.state = state
         self.frame_buffer = frame_buffer
-        self.maker = None
-        self.schedule = None
-        self.counter = 0
-        self.reported = False
 
     def setup(self):
-        self.schedule = common.Schedule(self.phases)
-        self.counter = 0
-        self.reported = False
-        if self.scenario != "small":
-            self.maker = common.FrameMaker(self.fill)
+        self.state.start()
 
     def main_logic(self):
-        tag = self.schedule.next_tag()
-        if tag == common.END_TAG and not self.reported:
-            self.reported = True
-            common.write_json(os.path.join(self.out_dir, self.name + ".json"),
-                              {"name": self.name, "sent": dict(self.schedule.sent)})
-        counter = self.counter
-        self.counter += 1
-        if self.scenario == "small":
+        shared = self.state.scenario != "small" and self.frame_buffer == "shared"
+        buffer = self.shared_array(common.FRAME_SHAPE, np.uint8) if shared else None
+        tag, counter, frame, checksum = self.state.next(buffer)
+        if frame is None:
             return {"counter": counter, "ts": time.perf_counter(), "tag": tag}
-        buffer = None
-        if self.frame_buffer == "shared":
-            buffer = self.shared_array(common.FRAME_SHAPE, np.uint8)
-        frame, checksum = self.maker.produce(counter, buffer)
         return {"frame": frame, "counter": counter, "checksum": checksum, "tag": tag,
                 "ts": time.perf_counter()}
 
@@ -111,7 +92,8 @@ def main():
     out_dir = tempfile.mkdtemp(prefix="bench-pipert-")
 
     pipe = Pipe()
-    source = Source("source", args.scenario, phases, out_dir, args.frame_buffer, args.fill == "full")
+    source = Source(common.SourceState("source", args.scenario, phases, out_dir, args.fill == "full"),
+                    args.frame_buffer)
     sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):
