@@ -98,7 +98,7 @@ class _Runner:
         self.auto_interval = 0.0  # seconds between main_logic calls set by auto pacing
         self.log_data = False
         self.samplers = {d: FrameSampler(flow.pipe._frames_per_second) for d in ("input", "output")}
-        self.thread = threading.Thread(target=self._run, name=routine.name, daemon=True)
+        self.thread = threading.Thread(target=self._guarded_run, name=routine.name, daemon=True)
 
     def deliver(self, event: Event) -> None:
         """Queue ``event`` for this routine's thread (called from the flow's main thread)."""
@@ -109,6 +109,16 @@ class _Runner:
 
     def _should_stop(self) -> bool:
         return self.killing
+
+    def _guarded_run(self) -> None:
+        """The routine's thread: a failure of pipert itself crashes this routine, visibly, not silently."""
+        try:
+            self._run()
+        except Exception as exc:
+            self.routine.logger.exception("routine '%s' stopped on an internal error", self.routine.name)
+            self.state = CRASHED
+            self.error = f"internal: {exc!r}"
+            self.flow.failed = True
 
     def _run(self) -> None:
         events = self.events
@@ -129,7 +139,11 @@ class _Runner:
                     self._pace()
                 data = self._call(routine.main_logic)
             else:
-                message = inbox.next()
+                try:
+                    message = inbox.next()
+                except Exception:
+                    routine.logger.exception("routine '%s' could not read a message; skipping it", routine.name)
+                    continue
                 if message is EMPTY:
                     continue
                 self.messages_in += 1
@@ -325,6 +339,7 @@ class _FlowProcess:
         self.conn = conn
         self._send_lock = threading.Lock()
         self.frames = _FrameLogger(pipe._jpeg_quality)
+        self.failed = False  # a routine thread ended on an internal error: the flow exits non-zero
         self.runners = {r.name: _Runner(r, pipe._plans[r.name], self) for r in flow.routines}
 
     def send(self, message: tuple) -> None:
@@ -432,6 +447,7 @@ def run_flow(pipe: Any, flow_name: str, fd: int) -> None:
         forward = _forward_logs(pipe, process.send)
         process.run()
         forward.flush()
+        code = 1 if process.failed else 0
     except BaseException:
         _log.exception("flow '%s' failed", flow_name)
         code = 1

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Counter, Recorder, wait_for
+from helpers import Counter, Recorder, read_lines, wait_for
 from pipert import DestinationRoutine, SourceRoutine, Wire, shm
 from pipert.transport import OOB_MIN
 
@@ -324,4 +324,42 @@ def test_shared_memory_of_a_dead_flow_is_reclaimed(make_pipe, tmp_path):
     os.kill(producer, 9)
     wait_for(lambda: not pipe.status()["flows"]["producer"]["alive"])
     assert not [e for e in shm.leftovers() if f"_{pipe.id}_{producer}_" in e]
+    pipe.join(to_kill=True)
+
+
+def _refuse_to_load():
+    raise RuntimeError("cannot be rebuilt here")
+
+
+class Unloadable:
+    """Pickles fine, fails to unpickle: the receiving routine must skip it and go on."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+class SometimesUnloadable(SourceRoutine):
+    def setup(self):
+        self.n = 0
+
+    def main_logic(self):
+        time.sleep(0.005)
+        self.n += 1
+        return {"n": self.n, "odd": Unloadable() if self.n % 2 else None}
+
+
+def test_a_message_that_cannot_be_read_is_logged_and_skipped(make_pipe, tmp_path):
+    out = tmp_path / "out.jsonl"
+    source, sink = SometimesUnloadable(), Recorder(str(out))
+    pipe = make_pipe()
+    pipe.create_flow("a", False, source)
+    pipe.create_flow("b", False, sink)
+    pipe.link(Wire(source=source, destinations=(sink,), policy="block", depth=4))
+    pipe.build()
+    pipe.notify_event("start")
+    wait_for(lambda: len([r for r in read_lines(str(out)) if "n" in r]) >= 5)
+    assert all(r["n"] % 2 == 0 for r in read_lines(str(out)) if "n" in r)
+    wait_for(lambda: any("could not read a message" in r.getMessage() and "cannot be rebuilt here" in (r.exc_text or "")
+                         for r in pipe.captured.records))
+    assert pipe.status()["routines"][sink.name]["state"] == "running"
     pipe.join(to_kill=True)
