@@ -21,7 +21,7 @@ import posix_ipc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipert import shm  # noqa: E402
-from pipert.transport import EMPTY, Inbox, RemoteTarget, RingReader, ShmRing, WireSender  # noqa: E402
+from pipert.transport import EMPTY, RemoteTarget, RingReader, ShmRing, WireSender  # noqa: E402
 
 PIPE_ID = "00aca7e0"  # hex, like every pipe id, so shm.unlink_owned finds its objects
 _STAMP = struct.Struct("d")
