@@ -181,6 +181,28 @@ class SourceState:
         return tag, counter, frame, checksum
 
 
+class SinkState:
+    """What both implementations' sinks do per message: check it and record it."""
+
+    def __init__(self, name, out_dir):
+        self.name, self.out_dir = name, out_dir
+        self.recorder = None
+
+    def start(self):
+        """Start recording (in the routine's setup, inside the flow process)."""
+        self.recorder = Recorder(self.name, self.out_dir)
+
+    def receive(self, received, tag, counter, ts, frame=None, checksum=None):
+        """Record one message received at ``received``; frames are verified."""
+        problem = None if frame is None else verify_frame(frame, counter, checksum)
+        self.recorder.add(received, tag, counter, ts, problem)
+
+    def stop(self):
+        """Write what was recorded if the run ended early (in the routine's cleanup)."""
+        if self.recorder is not None and not self.recorder.written:
+            self.recorder.write(complete=False)
+
+
 def frame_checksum(frame):
     """Cheap checksum: sum of a strided sample of the frame's bytes."""
     return int(frame.reshape(-1)[::SAMPLE_STRIDE].sum(dtype=np.uint64))

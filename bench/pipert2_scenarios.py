@@ -64,29 +64,25 @@ class Source(FPSRoutine):
 class Sink(FPSRoutine):
     """Checks every message and records rate and latency per phase."""
 
-    def __init__(self, name, scenario, out_dir):
-        super().__init__(name)
-        self.scenario = scenario
-        self.out_dir = out_dir
-        self.recorder = None
+    def __init__(self, state):
+        super().__init__(state.name)
+        self.state = state
 
     def setup(self):
-        self.recorder = common.Recorder(self.name, self.out_dir)
+        self.state.start()
 
     def main_logic(self, data):
-        now = time.perf_counter()
-        if self.scenario == "small":
-            self.recorder.add(now, data["tag"], data["counter"], data["ts"])
+        received = time.perf_counter()
+        if isinstance(data, dict):
+            self.state.receive(received, data["tag"], data["counter"], data["ts"])
             return None
         fields = data.additional_data
-        counter = int(fields["counter"])
-        problem = common.verify_frame(fields["frame"], counter, int(fields["checksum"]))
-        self.recorder.add(now, fields["tag"], counter, fields["ts"], problem)
+        self.state.receive(received, fields["tag"], int(fields["counter"]), fields["ts"], fields["frame"],
+                           int(fields["checksum"]))
         return None
 
     def cleanup(self):
-        if self.recorder is not None and not self.recorder.written:
-            self.recorder.write(complete=False)
+        self.state.stop()
 
 
 def main():
@@ -111,7 +107,7 @@ def main():
     network = QueueNetwork(max_queue_sizes=args.queue_size, put_block=args.put_block)
     pipe = Pipe(network=network, logger=logger, data_transmitter=BasicTransmitter())
     source = Source(common.SourceState("source", args.scenario, phases, out_dir, args.fill == "full"))
-    sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
+    sinks = [Sink(common.SinkState("sink-%d" % i, out_dir)) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):
         pipe.create_flow("sink_flow_%d" % i, False, sink)

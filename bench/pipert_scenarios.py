@@ -54,26 +54,20 @@ class Source(SourceRoutine):
 class Sink(DestinationRoutine):
     """Checks every message and records rate and latency per phase."""
 
-    def __init__(self, name, scenario, out_dir):
-        super().__init__(name)
-        self.scenario = scenario
-        self.out_dir = out_dir
-        self.recorder = None
+    def __init__(self, state):
+        super().__init__(state.name)
+        self.state = state
 
     def setup(self):
-        self.recorder = common.Recorder(self.name, self.out_dir)
+        self.state.start()
 
     def main_logic(self, data):
-        now = time.perf_counter()
-        problem = None
-        if self.scenario != "small":
-            problem = common.verify_frame(data["frame"], data["counter"], data["checksum"])
-        self.recorder.add(now, data["tag"], data["counter"], data["ts"], problem)
-        return None
+        received = time.perf_counter()
+        self.state.receive(received, data["tag"], data["counter"], data["ts"], data.get("frame"),
+                           data.get("checksum"))
 
     def cleanup(self):
-        if self.recorder is not None and not self.recorder.written:
-            self.recorder.write(complete=False)
+        self.state.stop()
 
 
 def main():
@@ -94,7 +88,7 @@ def main():
     pipe = Pipe()
     source = Source(common.SourceState("source", args.scenario, phases, out_dir, args.fill == "full"),
                     args.frame_buffer)
-    sinks = [Sink("sink-%d" % i, args.scenario, out_dir) for i in range(n_dest)]
+    sinks = [Sink(common.SinkState("sink-%d" % i, out_dir)) for i in range(n_dest)]
     pipe.create_flow("source_flow", False, source)
     for i, sink in enumerate(sinks):
         pipe.create_flow("sink_flow_%d" % i, False, sink)
