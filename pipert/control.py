@@ -113,10 +113,11 @@ class Control:
 
     def flow_of(self, routine: str) -> str:
         """The flow of ``routine``; 404 if there is none of that name."""
-        flows = {r.name: f.name for f in self.pipe.flows.values() for r in f.routines}
-        if routine not in flows:
-            raise ControlError(f"there is no routine '{routine}'; routines are {sorted(flows)}", 404)
-        return flows[routine]
+        flow = self.pipe.flow_of(routine)
+        if flow is None:
+            names = sorted(r["routine_name"] for r in self.pipe.structure()["Routines"])
+            raise ControlError(f"there is no routine '{routine}'; routines are {names}", 404)
+        return flow
 
     def _targets(self, flows: Any, routines: Any) -> Optional[Dict[str, List[str]]]:
         if flows is None and routines is None:

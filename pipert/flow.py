@@ -37,6 +37,11 @@ _log = logging.getLogger(__name__)
 RESTART_POLICIES = ("never", "on-failure", "always")
 
 
+def channel_key(wire: int, destination: str) -> str:
+    """How a flow names one of its local channels when it reports their depth and drops."""
+    return f"{wire}:{destination}"
+
+
 class Flow:
     """A named group of routines that runs in its own OS process.
 
@@ -135,8 +140,6 @@ class _Runner:
                 inbox.bell.acquire()
                 continue
             if source:
-                if routine._const_fps or self.auto_interval:
-                    self._pace()
                 data = self._call(routine.main_logic)
             else:
                 try:
@@ -149,8 +152,6 @@ class _Runner:
                 self.messages_in += 1
                 if self.log_data:
                     self._show("input", message)
-                if routine._const_fps or self.auto_interval:
-                    self._pace()
                 data = self._call(routine.main_logic, copy.deepcopy(message) if writable else message)
             if data is not None:
                 if self.log_data:
@@ -178,6 +179,9 @@ class _Runner:
                 self.flow.frames.offer(self.routine.logger, direction, frame)
 
     def _call(self, main_logic: Callable, *args: Any) -> Any:
+        """Run ``main_logic`` once its rate cap allows; log its exception and give None instead."""
+        if self.routine._const_fps or self.auto_interval:
+            self._pace()
         self.calls += 1
         self.started_at = started = time.perf_counter()
         try:
@@ -321,8 +325,7 @@ class _ForwardHandler(logging.Handler):
         while True:
             self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                self._send(("log", self._queue.popleft()))
+            self.flush()
 
     def flush(self) -> None:
         """Send what is queued (at the end of the flow)."""
@@ -381,7 +384,7 @@ class _FlowProcess:
             routines[name] = counters
             if log_fps and runner.state == RUNNING:
                 runner.routine.logger.plog("fps: %.2f", counters["fps"])
-        channels = {f"{wire}:{name}": (channel.depth(), channel.dropped)
+        channels = {channel_key(wire, name): (channel.depth(), channel.dropped)
                     for name, runner in self.runners.items()
                     for wire, channel in runner.plan.local_channels.items()}
         self.send(("status", self.flow.name, routines, channels))

@@ -24,7 +24,7 @@ from . import shm
 from .errors import BuildError, EventError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
                      STOP_EVENT_NAME, check_params, handlers_of)
-from .flow import IDLE, Flow, RoutinePlan, run_flow
+from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
 from .wire import BLOCK, LATEST, POLICIES, Wire
@@ -151,6 +151,7 @@ class Pipe:
         self._frames_per_second = frames_per_second
         self._jpeg_quality = jpeg_quality
         self._plans: Dict[str, RoutinePlan] = {}
+        self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
         self._local: List[Tuple[str, str, str, str]] = []
@@ -302,7 +303,8 @@ class Pipe:
                     local.append(channel)
                     plan.local_channels[index] = channel
                     plan.inbox.readers.append(channel)
-                    self._local.append((source, destination.name, flow_of[destination.name], f"{index}:{destination.name}"))
+                    self._local.append((source, destination.name, flow_of[destination.name],
+                                        channel_key(index, destination.name)))
             plans[source].senders.append(WireSender(source, wire.policy == BLOCK, local, remote, pool))
         self._plans = plans
 
@@ -310,7 +312,7 @@ class Pipe:
         """Validate the graph, create shared memory and start one process per flow."""
         if self._built:
             raise BuildError("this pipe is already built: build() runs once per pipe")
-        flow_of = self._validate()
+        self._flow_of = flow_of = self._validate()
         self.flows = {flow.name: flow for flow in self._flow_list}
         shm.sweep_stale()
         self._built = self._building = True
@@ -519,11 +521,8 @@ class Pipe:
                     target = None
                 if paced.get(source) != target:
                     paced[source] = target
-                    self._send_to_flow(self._flow_of_routine(source), ("pace", {source: target}))
+                    self._send_to_flow(self._flow_of[source], ("pace", {source: target}))
             time.sleep(1.0)
-
-    def _flow_of_routine(self, routine: str) -> str:
-        return next(f.name for f in self._flow_list if any(r.name == routine for r in f.routines))
 
     def _send_to_flow(self, flow: str, message: tuple) -> bool:
         state = self._states[flow]
@@ -634,6 +633,10 @@ class Pipe:
         return self._dispatch(event_name, resolved, params)
 
     # ----- ending -----
+
+    def flow_of(self, routine: str) -> Optional[str]:
+        """The name of the flow that runs ``routine`` once built, or None if there is no such routine."""
+        return self._flow_of.get(routine)
 
     @property
     def built(self) -> bool:

@@ -398,6 +398,11 @@ class Pool:
         if self._hdr[0]:
             self._released.release()
 
+    def release_record(self, record: bytes, receiver: int) -> None:
+        """Release the slots of a record ``receiver`` will never decode (dropped, or its slots are gone)."""
+        for ref in _refs(record):
+            self.release(ref[0], receiver)
+
     def release_all(self, receiver: int, keep: Sequence[bytes] = ()) -> None:
         """Release every slot ``receiver`` holds but those of the records in ``keep`` (its flow died)."""
         kept = {ref[0] for record in keep for ref in _refs(record)}
@@ -481,8 +486,8 @@ os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 class RingReader:
     """The consumer's end of one ShmRing.
 
-    Under ``block`` it takes every waiting record in one go (fewer lock round
-    trips while a fast producer fills the ring); under ``latest`` one at a
+    Under ``block`` it takes every waiting record in one copy (less work per
+    message while a fast producer fills the ring); under ``latest`` one at a
     time, so that a record waiting in the ring can still be replaced by a newer one.
     """
 
@@ -501,9 +506,8 @@ class RingReader:
         record = self._taken.popleft()
         try:
             return decode(record, self._pool, self._receiver)
-        except posix_ipc.ExistentialError:
-            for ref in _refs(record):  # its producer died and its slots are gone
-                self._pool.release(ref[0], self._receiver)
+        except posix_ipc.ExistentialError:  # its producer died and its slots are gone
+            self._pool.release_record(record, self._receiver)
             return EMPTY
 
 
@@ -518,8 +522,7 @@ class RemoteTarget:
 
     def on_drop(self, record: bytes) -> None:
         """A record of this receiver's was dropped unread: release its pool slots."""
-        for ref in _refs(record):
-            self.pool.release(ref[0], self.receiver)
+        self.pool.release_record(record, self.receiver)
 
 
 class WireSender:
