@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Browser tests drive Debian's chromium through playwright (playwright's own
+# browser download cannot work without internet).
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: demo test bench soak install clean
 
@@ -13,12 +16,16 @@ $(VENV)/.installed: $(PY) setup.py
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/pipert run examples/video_analytics.py:create_pipe --rpc --api --start
 
-test: install
+test: install $(CHROMIUM)
 	$(PY) -m pytest
 
 bench: install

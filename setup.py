@@ -19,7 +19,13 @@ setup(
         "opencv-python-headless",
         "python-dotenv",
         "python-socketio[client]",
+        "PyYAML",
+        "prometheus-client",
+        "mcap",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "ray": ["ray>=2.40"],
+        "test": ["pytest", "pytest-timeout", "playwright", "ray>=2.40"],
+    },
     entry_points={"console_scripts": ["pipert=pipert.cli:main"]},
 )
