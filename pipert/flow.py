@@ -49,13 +49,24 @@ class Flow:
     ``kill``: ``never``, ``on-failure`` (a non-zero exit or a signal) or
     ``always``; at most ``max_restarts`` times within ``restart_window``
     seconds, waiting ``restart_backoff`` seconds, doubled at each restart in
-    the window (10 s at most).
+    the window (10 s at most). ``replicas`` runs that many copies of the flow,
+    each its own process; ``resources`` are the Ray resources a node needs to
+    run it on a cluster (e.g. ``{"camera": 1}``).
     """
 
     def __init__(self, name: str, routines: Sequence[Routine], restart: str = "on-failure",
-                 max_restarts: int = 5, restart_window: float = 60.0, restart_backoff: float = 0.5) -> None:
+                 max_restarts: int = 5, restart_window: float = 60.0, restart_backoff: float = 0.5,
+                 replicas: int = 1, resources: Optional[Dict[str, float]] = None) -> None:
         if restart not in RESTART_POLICIES:
             raise ValueError(f"flow '{name}': restart policy {restart!r} is unknown: use one of {RESTART_POLICIES}")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise ValueError(f"flow '{name}': replicas={replicas!r} must be a whole number >= 1")
+        if resources is not None and (not isinstance(resources, dict) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in resources.items())):
+            raise ValueError(f"flow '{name}': resources={resources!r} must be a dict of resource name to a "
+                             "number >= 0, e.g. {'camera': 1}")
+        self.replicas = replicas
+        self.resources = dict(resources or {})
         self.name = name
         self.routines = list(routines)
         self.restart = restart
@@ -79,7 +90,7 @@ class RoutinePlan:
 
     inbox: Inbox
     senders: List[WireSender]
-    local_channels: Dict[int, LocalChannel]  # wire index -> channel into this routine
+    local_channels: Dict[int, Any]  # wire index -> local channel or ordered merge into this routine
 
 
 class _Runner:
@@ -131,6 +142,7 @@ class _Runner:
         routine = self.routine
         source = isinstance(routine, SourceRoutine)
         writable = routine.writable_input
+        meta = None  # the order stamp of the input being handled, carried on to the output
         while True:
             if events:
                 if not self._handle(events.popleft()):
@@ -149,6 +161,7 @@ class _Runner:
                     continue
                 if message is EMPTY:
                     continue
+                meta = inbox.meta
                 self.messages_in += 1
                 if self.log_data:
                     self._show("input", message)
@@ -157,7 +170,7 @@ class _Runner:
                 if self.log_data:
                     self._show("output", data)
                 if self.plan.senders:
-                    self._send(data)
+                    self._send(data, meta)
 
     def _pace(self) -> None:
         """Wait until the routine's rate cap (const FPS or auto pacing) lets the next call start."""
@@ -194,10 +207,10 @@ class _Runner:
         finally:
             self.durations.append(time.perf_counter() - started)
 
-    def _send(self, data: Any) -> None:
+    def _send(self, data: Any, meta: Any) -> None:
         try:
             for sender in self.plan.senders:
-                sender.send(data, self._should_stop)
+                sender.send(data, self._should_stop, meta)
         except Closed:
             return
         except TransportError as exc:
@@ -336,14 +349,15 @@ class _ForwardHandler(logging.Handler):
 class _FlowProcess:
     """The main thread of a flow process."""
 
-    def __init__(self, pipe: Any, flow: Flow, conn: Connection) -> None:
+    def __init__(self, pipe: Any, instance: str, conn: Connection) -> None:
         self.pipe = pipe
-        self.flow = flow
+        self.instance = instance  # the flow's name, or flow/i for a replica
+        self.flow = flow = pipe._instances[instance]
         self.conn = conn
         self._send_lock = threading.Lock()
         self.frames = _FrameLogger(pipe._jpeg_quality)
         self.failed = False  # a routine thread ended on an internal error: the flow exits non-zero
-        self.runners = {r.name: _Runner(r, pipe._plans[r.name], self) for r in flow.routines}
+        self.runners = {r.name: _Runner(r, pipe._plans[instance][r.name], self) for r in flow.routines}
 
     def send(self, message: tuple) -> None:
         with self._send_lock:
@@ -387,19 +401,21 @@ class _FlowProcess:
         channels = {channel_key(wire, name): (channel.depth(), channel.dropped)
                     for name, runner in self.runners.items()
                     for wire, channel in runner.plan.local_channels.items()}
-        self.send(("status", self.flow.name, routines, channels))
+        self.send(("status", self.instance, routines, channels))
 
     def _kill_all(self) -> None:
         for runner in self.runners.values():
             runner.deliver(Event(0, KILL_EVENT_NAME))
 
     def run(self) -> None:
+        replica = self.pipe._instance_names[self.flow.name].index(self.instance)
         for routine in self.flow.routines:
             routine._runtime = self
-            routine.logger = logging.getLogger(self.pipe._routine_logger_name(self.flow.name, routine.name))
+            routine.replica = replica
+            routine.logger = logging.getLogger(self.pipe._routine_logger_name(self.instance, routine.name))
         for runner in self.runners.values():
             runner.thread.start()
-        self.send(("ready", self.flow.name, os.getpid()))
+        self.send(("ready", self.instance, os.getpid()))
         last: Dict[str, int] = {}
         reported = fps_logged = time.monotonic()
         while any(r.thread.is_alive() for r in self.runners.values()):
@@ -414,7 +430,7 @@ class _FlowProcess:
                     for routine in routines:
                         self.runners[routine].deliver(Event(event_id, name, params))
             except (EOFError, OSError):
-                _log.warning("flow '%s' lost its daemon; killing its routines", self.flow.name)
+                _log.warning("flow '%s' lost its daemon; killing its routines", self.instance)
                 self._kill_all()
                 self.conn.close()
                 break
@@ -440,13 +456,14 @@ def _forward_logs(pipe: Any, send: Callable[[tuple], None]) -> _ForwardHandler:
 
 
 def run_flow(pipe: Any, flow_name: str, fd: int) -> None:
-    """Body of a flow process (forked from the zygote); never returns."""
+    """Body of a flow process (forked from the zygote) of ``flow_name`` (``flow/i`` for a
+    replica); never returns."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        process = _FlowProcess(pipe, pipe.flows[flow_name], Connection(fd))
+        process = _FlowProcess(pipe, flow_name, Connection(fd))
         forward = _forward_logs(pipe, process.send)
         process.run()
         forward.flush()

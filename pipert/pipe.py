@@ -24,7 +24,8 @@ from . import shm
 from .errors import BuildError, EventError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
                      STOP_EVENT_NAME, check_params, handlers_of)
-from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .flow import IDLE, RUNNING, Flow, RoutinePlan, channel_key, run_flow
+from .replicas import OrderedMerge, ReplicaChooser, instance_names, replica_name
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
 from .wire import BLOCK, LATEST, POLICIES, Wire
@@ -88,7 +89,7 @@ class _RemoteWire:
 
     source: str
     destination: str
-    source_flow: str
+    source_flow: str  # flow process names: the flow's, or flow/i for a replica
     destination_flow: str
     target: RemoteTarget
 
@@ -150,7 +151,9 @@ class Pipe:
         self._fps_log_interval = fps_log_interval
         self._frames_per_second = frames_per_second
         self._jpeg_quality = jpeg_quality
-        self._plans: Dict[str, RoutinePlan] = {}
+        self._plans: Dict[str, Dict[str, RoutinePlan]] = {}  # flow process -> routine -> plan
+        self._instances: Dict[str, Flow] = {}  # flow process name (flow, or flow/i for replicas) -> flow
+        self._instance_names: Dict[str, List[str]] = {}  # flow -> its process names
         self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
@@ -171,12 +174,15 @@ class Pipe:
     # ----- declaring the graph -----
 
     def create_flow(self, flow_name: str, auto_wire: bool, *routines: Routine, restart: str = "on-failure",
-                    max_restarts: int = 5, restart_window: float = 60.0, restart_backoff: float = 0.5) -> Flow:
+                    max_restarts: int = 5, restart_window: float = 60.0, restart_backoff: float = 0.5,
+                    replicas: int = 1, resources: Optional[Dict[str, float]] = None) -> Flow:
         """Add a flow running ``routines``; with ``auto_wire`` link each to the next.
 
-        The keyword arguments set the flow's restart policy (see ``Flow``).
+        The keyword arguments set the flow's restart policy, its number of
+        ``replicas`` (processes ``flow/0`` .. sharing its input) and the
+        ``resources`` it needs on a cluster (see ``Flow``).
         """
-        flow = Flow(flow_name, routines, restart, max_restarts, restart_window, restart_backoff)
+        flow = Flow(flow_name, routines, restart, max_restarts, restart_window, restart_backoff, replicas, resources)
         for routine in routines:
             if isinstance(routine, Routine):
                 routine.flow_name = flow_name
@@ -202,6 +208,9 @@ class Pipe:
         for flow in self._flow_list:
             if flow.name in seen_flows:
                 raise BuildError(f"flow name '{flow.name}' is used twice: give each flow its own name")
+            if "/" in flow.name:
+                raise BuildError(f"flow name '{flow.name}' contains '/', which names replicas (flow/0): "
+                                 "choose a name without it")
             seen_flows.add(flow.name)
             if not flow.routines:
                 raise BuildError(f"flow '{flow.name}' has no routines: pass them to create_flow")
@@ -277,35 +286,62 @@ class Pipe:
                 visit(node, [])
 
     def _plan(self, flow_of: Dict[str, str]) -> None:
+        """Every routine's inputs and outputs in every flow process: local channels inside a
+        process, one ring per (wire, source process, destination routine process) between them."""
         pid = os.getpid()
-        routines = [r for flow in self._flow_list for r in flow.routines]
-        bells = {r.name: shm.create_semaphore(shm.name(self.id, pid, f"bell{i}"), 0) for i, r in enumerate(routines)}
-        plans = {r.name: RoutinePlan(Inbox(bells[r.name]), [], {}) for r in routines}
+        bells = itertools.count()
+        plans = {instance: {r.name: RoutinePlan(Inbox(shm.create_semaphore(shm.name(self.id, pid, f"bell{next(bells)}"),
+                                                                            0)), [], {})
+                            for r in flow.routines}
+                 for instance, flow in self._instances.items()}
+        entries = itertools.count(1)
         for index, wire in enumerate(self.wires):
-            source = wire.source.name
-            remote_destinations = [d for d in wire.destinations if flow_of[d.name] != flow_of[source]]
-            pool = None
-            if remote_destinations:
-                pool = Pool(self.id, str(index), self._pool_slots or 2 * wire.depth + 4, len(remote_destinations))
-            local, remote = [], []
-            for destination in wire.destinations:
-                plan = plans[destination.name]
-                if destination in remote_destinations:
-                    receiver = remote_destinations.index(destination)
-                    ring = ShmRing.create(self.id, f"{index}_{receiver}", self._ring_capacity, wire.depth, wire.policy)
-                    target = RemoteTarget(ring, plan.inbox.bell, receiver, pool)
-                    remote.append(target)
-                    plan.inbox.readers.append(RingReader(ring, pool, receiver, wire.policy))
-                    self._remote.append(_RemoteWire(source, destination.name, flow_of[source],
-                                                    flow_of[destination.name], target))
-                else:
-                    channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)
-                    local.append(channel)
-                    plan.local_channels[index] = channel
-                    plan.inbox.readers.append(channel)
-                    self._local.append((source, destination.name, flow_of[destination.name],
-                                        channel_key(index, destination.name)))
-            plans[source].senders.append(WireSender(source, wire.policy == BLOCK, local, remote, pool))
+            source, source_flow = wire.source.name, flow_of[wire.source.name]
+            choose = ReplicaChooser(f"wire from routine '{source}'", wire.key)
+            merges: Dict[Tuple[str, str], List[RingReader]] = {}
+            receivers = sum(self.flows[flow_of[d.name]].replicas for d in wire.destinations
+                            if flow_of[d.name] != source_flow)
+            for number, instance in enumerate(self._instance_names[source_flow]):
+                pool = None
+                if receivers:
+                    pool = Pool(self.id, f"{index}_{number}", self._pool_slots or 2 * wire.depth + 4, receivers)
+                local, remote, replicated, receiver = [], [], [], 0
+                for destination in wire.destinations:
+                    if flow_of[destination.name] == source_flow:
+                        plan = plans[instance][destination.name]
+                        channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)
+                        local.append(channel)
+                        plan.local_channels[index] = channel
+                        plan.inbox.readers.append(channel)
+                        self._local.append((source, destination.name, instance, channel_key(index, destination.name)))
+                        continue
+                    group = []
+                    for target_instance in self._instance_names[flow_of[destination.name]]:
+                        plan = plans[target_instance][destination.name]
+                        ring = ShmRing.create(self.id, f"{index}_{number}_{receiver}", self._ring_capacity,
+                                              wire.depth, wire.policy)
+                        target = RemoteTarget(ring, plan.inbox.bell, receiver, pool)
+                        reader = RingReader(ring, pool, receiver, wire.policy)
+                        if wire.ordered:
+                            merges.setdefault((target_instance, destination.name), []).append(reader)
+                        else:
+                            plan.inbox.readers.append(reader)
+                        self._remote.append(_RemoteWire(source, destination.name, instance, target_instance, target))
+                        group.append(target)
+                        receiver += 1
+                    if len(group) > 1:
+                        replicated.append(group)
+                    else:
+                        remote.extend(group)
+                plans[instance][source].senders.append(
+                    WireSender(source, wire.policy == BLOCK, local, remote, pool, replicated,
+                               choose if replicated else None, next(entries) if replicated else None))
+            for (instance, destination), readers in merges.items():
+                merge = OrderedMerge(readers)
+                plan = plans[instance][destination]
+                plan.inbox.readers.append(merge)
+                plan.local_channels[index] = merge
+                self._local.append((source, destination, instance, channel_key(index, destination)))
         self._plans = plans
 
     def build(self) -> None:
@@ -314,6 +350,8 @@ class Pipe:
             raise BuildError("this pipe is already built: build() runs once per pipe")
         self._flow_of = flow_of = self._validate()
         self.flows = {flow.name: flow for flow in self._flow_list}
+        self._instance_names = {f.name: instance_names(f.name, f.replicas) for f in self._flow_list}
+        self._instances = {i: f for f in self._flow_list for i in self._instance_names[f.name]}
         shm.sweep_stale()
         self._built = self._building = True
         try:
@@ -321,7 +359,7 @@ class Pipe:
             self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd))
             threading.Thread(target=self._read_zygote, name="pipert-zygote-reader", daemon=True).start()
             atexit.register(self._shutdown)
-            for name in self.flows:
+            for name in self._instances:
                 self._states[name] = _FlowState()
                 self._spawn(name)
             deadline = time.monotonic() + _READY_TIMEOUT
@@ -345,7 +383,7 @@ class Pipe:
         for handler in self.logger.handlers:
             if hasattr(handler, "send_pipe_creation"):
                 handler.send_pipe_creation(structure)
-        self.logger.plog("pipe %s built: %d flows, %d routines", self.id, len(self.flows), len(self._plans))
+        self.logger.plog("pipe %s built: %d flows, %d routines", self.id, len(self.flows), len(self._flow_of))
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -372,6 +410,7 @@ class Pipe:
 
     def _read_flow(self, flow: str, conn: Connection) -> None:
         state = self._states[flow]
+        name = self._instances[flow].name
         while True:
             try:
                 message = conn.recv()
@@ -383,7 +422,7 @@ class Pipe:
                 state.routines.setdefault(message[2], {}).update(message[4])
                 result = self._results.get(message[1])
                 if result is not None:
-                    result._ack(message[2], message[3])
+                    result._ack(replica_name(message[2], flow, name), message[3])
             elif kind == "status":
                 state.routines.update(message[2])
                 state.channels = message[3]
@@ -420,15 +459,15 @@ class Pipe:
             state.alive = False
             state.exit_code = code
             state.last_exit = {"pid": pid, "how": how, "time": time.time()}
-            for routine in self.flows[flow].routines:
+            for routine in self._instances[flow].routines:
                 state.routines.setdefault(routine.name, {})["state"] = "killed" if self._killing else "dead"
         shm.unlink_owned(self.id, pid)
         self._recover_wires(flow)
         if code != 0 or not self._killing:
             self.logger.error("flow '%s' (pid %d) ended: %s", flow, pid, how)
         for result in list(self._results.values()):
-            for routine in self.flows[flow].routines:
-                result._ack(routine.name, f"flow '{flow}' ended ({how})")
+            for routine in self._instances[flow].routines:
+                result._ack(replica_name(routine.name, flow, self._instances[flow].name), f"flow '{flow}' ended ({how})")
         if not self._killing and self._schedule_restart(flow, code):
             return
         if not any(s.alive or s.restarting for s in self._states.values()):
@@ -447,7 +486,7 @@ class Pipe:
 
     def _schedule_restart(self, flow: str, code: int) -> bool:
         """Restart ``flow`` later if its policy and budget allow; True if scheduled."""
-        spec, state = self.flows[flow], self._states[flow]
+        spec, state = self._instances[flow], self._states[flow]
         if spec.restart == "never" or (spec.restart == "on-failure" and code == 0) or self._closed \
                 or self._building:
             return False
@@ -480,9 +519,9 @@ class Pipe:
                 self.logger.error("restarted flow '%s' did not start within %.0f s", flow, _READY_TIMEOUT)
                 return
             state.restarts += 1
-            wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
+            wanted = [r.name for r in self._instances[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
-                self._dispatch(START_EVENT_NAME, {flow: wanted}, {})
+                self._dispatch(START_EVENT_NAME, {flow: wanted}, {}, processes=True)
             self.logger.info("flow '%s' restarted (pid %s)", flow, state.pid)
         finally:
             state.restarting = False
@@ -512,7 +551,7 @@ class Pipe:
         reach = self._downstream()
         paced: Dict[str, Optional[float]] = {}
         while not self._closed and not self._killing:
-            capacities = {name: r.get("capacity") for s in self._states.values() for name, r in s.routines.items()}
+            capacities = {name: r["capacity"] for name, r in self.status()["routines"].items()}
             for source, downstream in reach.items():
                 known = [capacities[d] for d in downstream if capacities.get(d)]
                 own = capacities.get(source)
@@ -521,7 +560,8 @@ class Pipe:
                     target = None
                 if paced.get(source) != target:
                     paced[source] = target
-                    self._send_to_flow(self._flow_of[source], ("pace", {source: target}))
+                    for instance in self._instance_names[self._flow_of[source]]:
+                        self._send_to_flow(instance, ("pace", {source: target}))
             time.sleep(1.0)
 
     def _send_to_flow(self, flow: str, message: tuple) -> bool:
@@ -593,9 +633,16 @@ class Pipe:
                              f"{declared}, built-in ones are {list(RUNTIME_EVENTS)}")
         return resolved
 
-    def _dispatch(self, name: str, targets: Dict[str, List[str]], params: Dict[str, Any]) -> EventResult:
+    def _dispatch(self, name: str, targets: Dict[str, List[str]], params: Dict[str, Any],
+                  processes: bool = False) -> EventResult:
+        """Send an event to ``targets`` ({flow: [routine]}; every replica of each flow, or with
+        ``processes`` {flow process: [routine]}); each replica acknowledges on its own."""
+        if not processes:
+            targets = {instance: routines for flow, routines in targets.items()
+                       for instance in self._instance_names[flow]}
         event_id = next(self._event_ids)
-        result = EventResult(name, [r for routines in targets.values() for r in routines])
+        result = EventResult(name, [replica_name(r, instance, self._instances[instance].name)
+                                    for instance, routines in targets.items() for r in routines])
         self._results[event_id] = result
         if name == KILL_EVENT_NAME:
             self._killing = True
@@ -605,7 +652,8 @@ class Pipe:
         for flow, routines in targets.items():
             if not self._send_to_flow(flow, ("event", event_id, name, routines, params)):
                 for routine in routines:
-                    result._ack(routine, f"flow '{flow}' is not running")
+                    result._ack(replica_name(routine, flow, self._instances[flow].name),
+                                f"flow '{flow}' is not running")
         if len(self._results) > 1000:
             with self._lock:
                 for old in [k for k, r in list(self._results.items()) if r.done][:-100]:
@@ -650,7 +698,7 @@ class Pipe:
         ``main_logic``) is terminated.
         """
         self._killing = True
-        alive = {name: [] for name, state in self._states.items() if state.alive}
+        alive = {self._instances[name].name: [] for name, state in self._states.items() if state.alive}
         if alive:
             self._dispatch(KILL_EVENT_NAME, self._resolve(KILL_EVENT_NAME, alive, {}), {})
             timer = threading.Timer(self._kill_grace, self._terminate_stragglers)
@@ -720,8 +768,9 @@ class Pipe:
             wire.target.ring.close()
         for pool in pools.values():
             pool.close()
-        for plan in self._plans.values():
-            plan.inbox.bell.close()
+        for plans in self._plans.values():
+            for plan in plans.values():
+                plan.inbox.bell.close()
 
     # ----- introspection -----
 
@@ -737,28 +786,48 @@ class Pipe:
             "Events": list(BUILTIN_EVENTS),
         }
 
+    def _routine_status(self, flow: Flow, routine: Routine) -> Dict[str, Any]:
+        """One routine's state and counters; over replicas the counters are summed, the state is
+        ``running`` while any replica runs, and ``replicas`` holds each one's state."""
+        instances = self._instance_names.get(flow.name, [flow.name])
+        reports = [self._states[i].routines.get(routine.name, {}) if i in self._states else {} for i in instances]
+        states = [r.get("state", IDLE) for r in reports]
+        capacities = [r["capacity"] for r in reports if r.get("capacity")]
+        paced = [r["paced_fps"] for r in reports if r.get("paced_fps")]
+        status = {
+            "flow": flow.name, "state": RUNNING if RUNNING in states else states[0],
+            "messages_in": sum(r.get("messages_in", 0) for r in reports),
+            "messages_out": sum(r.get("messages_out", 0) for r in reports),
+            "fps": round(sum(r.get("fps", 0.0) for r in reports), 2),
+            "capacity": round(sum(capacities), 2) if capacities else None,
+            "paced_fps": paced[0] if paced else None,
+            "log_data": any(r.get("log_data", False) for r in reports),
+            "error": next((r["error"] for r in reports if r.get("error")), None)}
+        if flow.replicas > 1:
+            status["replicas"] = dict(zip(instances, states))
+        return status
+
     def status(self) -> Dict[str, Any]:
         """Routine states and counters, flow processes, and wire depths and drops, as plain JSON."""
-        routines = {}
-        for flow in self._flow_list:
-            state = self._states.get(flow.name)
-            for routine in flow.routines:
-                reported = state.routines.get(routine.name, {}) if state else {}
-                routines[routine.name] = {
-                    "flow": flow.name, "state": reported.get("state", IDLE),
-                    "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
-                    "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
-                    "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
-                    "error": reported.get("error")}
+        routines = {r.name: self._routine_status(flow, r) for flow in self._flow_list for r in flow.routines}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}
         wires = []
         for wire in self._remote:
             depth, dropped = wire.target.ring.stats()
-            wires.append({"source": wire.source, "destination": wire.destination, "depth": depth,
+            wires.append({"source": self._qualified(wire.source, wire.source_flow),
+                          "destination": self._qualified(wire.destination, wire.destination_flow), "depth": depth,
                           "dropped": dropped})
         for source, destination, flow, key in self._local:
             depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
-            wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
+            if self._flow_of[source] == self._instances[flow].name:
+                wires.append({"source": self._qualified(source, flow),
+                              "destination": self._qualified(destination, flow), "depth": depth, "dropped": dropped})
+            else:  # the ordered merge of a wire out of replicas: held back, and skipped
+                wires.append({"source": source, "destination": self._qualified(destination, flow), "ordered": True,
+                              "depth": depth, "dropped": dropped})
         return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}
+
+    def _qualified(self, routine: str, instance: str) -> str:
+        return replica_name(routine, instance, self._instances[instance].name)

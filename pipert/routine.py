@@ -26,6 +26,8 @@ class Routine:
     """
 
     writable_input: ClassVar[bool] = False
+    replica: int = 0
+    """Which replica of its flow runs this routine (0 .. replicas-1), set in the flow's process."""
 
     def __init__(self, name: Optional[str] = None) -> None:
         cls = type(self).__name__

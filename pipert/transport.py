@@ -38,6 +38,10 @@ OOB_MIN = 64 * 1024
 EMPTY = object()
 """Returned by ``poll`` when an input has nothing waiting."""
 
+Meta = Optional[Tuple[int, int]]
+"""A message's order stamp: (stream, sequence number) given where it entered a replicated
+stage, carried through the replica's routines to an ordered merge; None elsewhere."""
+
 _WAIT_SLICE = 0.2  # seconds between checks of ``should_stop`` while a producer waits
 
 
@@ -57,7 +61,8 @@ def _wait(sem: posix_ipc.Semaphore, should_stop: Callable[[], bool]) -> None:
 
 
 class LocalChannel:
-    """A bounded queue between two routines of the same flow; data passes by reference."""
+    """A bounded queue between two routines of the same flow; data passes by reference,
+    with the order stamp (see ``Meta``) of the message it came from."""
 
     def __init__(self, depth: int, policy: str, bell: Doorbell) -> None:
         self._queue: collections.deque = collections.deque()
@@ -65,8 +70,9 @@ class LocalChannel:
         self._bell = bell
         self._space = threading.Semaphore(depth) if policy == BLOCK else None
         self.dropped = 0
+        self.meta: Meta = None
 
-    def put(self, obj: object, should_stop: Callable[[], bool]) -> None:
+    def put(self, obj: object, should_stop: Callable[[], bool], meta: "Meta" = None) -> None:
         if self._space is not None:
             while not self._space.acquire(timeout=_WAIT_SLICE):
                 if should_stop():
@@ -77,12 +83,12 @@ class LocalChannel:
                 self.dropped += 1
             except IndexError:
                 pass
-        self._queue.append(obj)
+        self._queue.append((obj, meta))
         self._bell.release()
 
     def poll(self) -> object:
         try:
-            obj = self._queue.popleft()
+            obj, self.meta = self._queue.popleft()
         except IndexError:
             return EMPTY
         if self._space is not None:
@@ -261,6 +267,11 @@ class ShmRing:
         self._space.release()
         return kept
 
+    @property
+    def gone(self) -> bool:
+        """Whether the consumer's flow is dead (a replica that is down gets no new messages)."""
+        return bool(self._gone.value)
+
     def consumer_back(self) -> None:
         """The consumer's flow runs (again): a ``block`` producer waits for room again."""
         self._gone.value = 0
@@ -285,7 +296,7 @@ class ShmRing:
 
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
-_MSG = struct.Struct("=IIH")  # record length, producer pid, number of pool references
+_MSG = struct.Struct("=IIHQQ")  # record length, producer pid, number of pool references, order stamp
 _REF = struct.Struct("=HIQQ")  # slot, generation, offset, bytes
 
 
@@ -353,9 +364,13 @@ class Pool:
         self._next = slot + 1
         return slot
 
-    def _hold(self, slot: int, offset: int, size: int) -> bytes:
+    def holders(self, receivers: Sequence[int]) -> bytes:
+        """The flags of a slot held by ``receivers`` only (a message sent to one replica)."""
+        return bytes(0 if r in receivers else 1 for r in range(self._receivers))
+
+    def _hold(self, slot: int, offset: int, size: int, held: Optional[bytes]) -> bytes:
         off = _POOL_HDR_SIZE + slot * self._receivers
-        self._hdr[off:off + self._receivers] = self._held
+        self._hdr[off:off + self._receivers] = self._held if held is None else held
         return _REF.pack(slot, self._segments[slot][0], offset, size)
 
     def _owned_slot(self, raw: memoryview) -> Optional[Tuple[int, int]]:
@@ -379,18 +394,20 @@ class Pool:
         weakref.finalize(holder, self._owned.discard, slot)
         return memoryview(holder)
 
-    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
-        """Reference ``raw`` in the pool, held by every receiver: in place if it was allocated
-        here, else copied into a free slot. None if the pool is full under ``latest``."""
+    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool],
+              held: Optional[bytes] = None) -> Optional[bytes]:
+        """Reference ``raw`` in the pool, held by every receiver (or those ``held`` says): in
+        place if it was allocated here, else copied into a free slot. None if the pool is full
+        under ``latest``."""
         size = raw.nbytes
         owned = self._owned_slot(raw)
         if owned is not None:
-            return self._hold(owned[0], owned[1], size)
+            return self._hold(owned[0], owned[1], size, held)
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
         self._segments[slot][2][0:size] = raw
-        return self._hold(slot, 0, size)
+        return self._hold(slot, 0, size, held)
 
     def release(self, slot: int, receiver: int) -> None:
         """Mark ``slot`` released by ``receiver`` and wake an owner waiting for room."""
@@ -442,8 +459,9 @@ def _refs(record: bytes) -> List[Tuple[int, int, int, int]]:
 
 
 def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
-           routine: str) -> Optional[bytes]:
-    """One record for every remote receiver of a wire, or None if the pool is full (``latest``)."""
+           routine: str, meta: Meta = None, held: Optional[bytes] = None) -> Optional[bytes]:
+    """One record for every remote receiver of a wire (or the receivers ``held`` names), or
+    None if the pool is full (``latest``)."""
     big: list = []
     try:
         if pool is None:
@@ -455,23 +473,30 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
         raise TransportError(
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
+    stream, seq = meta or (0, 0)
     if not big:
-        return _MSG.pack(_MSG.size + len(body), _pid[0], 0) + body
+        return _MSG.pack(_MSG.size + len(body), _pid[0], 0, stream, seq) + body
     refs = []
     for buf in big:
-        ref = pool.store(buf.raw(), block, should_stop)
+        ref = pool.store(buf.raw(), block, should_stop, held)
         if ref is None:
             for held in refs:
                 pool.unstore(held)
             return None
         refs.append(ref)
     size = _MSG.size + len(refs) * _REF.size + len(body)
-    return b"".join((_MSG.pack(size, _pid[0], len(refs)), *refs, body))
+    return b"".join((_MSG.pack(size, _pid[0], len(refs), stream, seq), *refs, body))
+
+
+def record_meta(record: bytes) -> Meta:
+    """The order stamp of ``record``."""
+    stream, seq = _MSG.unpack_from(record, 0)[3:]
+    return (stream, seq) if stream else None
 
 
 def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
     """The object in ``record``; its large buffers are read-only views of the pool."""
-    _, pid, count = _MSG.unpack_from(record, 0)
+    _, pid, count, _, _ = _MSG.unpack_from(record, 0)
     if not count:
         return pickle.loads(memoryview(record)[_MSG.size:])
     buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
@@ -497,6 +522,7 @@ class RingReader:
         self._receiver = receiver
         self._everything = policy == BLOCK
         self._taken: collections.deque = collections.deque()
+        self.meta: Meta = None
 
     def poll(self) -> object:
         if not self._taken:
@@ -504,6 +530,7 @@ class RingReader:
             if not self._taken:
                 return EMPTY
         record = self._taken.popleft()
+        self.meta = record_meta(record)
         try:
             return decode(record, self._pool, self._receiver)
         except posix_ipc.ExistentialError:  # its producer died and its slots are gone
@@ -526,15 +553,29 @@ class RemoteTarget:
 
 
 class WireSender:
-    """Sends one routine's outputs over one wire to all of its destinations."""
+    """Sends one routine's outputs over one wire to all of its destinations.
+
+    A destination in a flow with replicas has one target per replica, a group in
+    ``replicated``: each message goes to the one ``choose(group, message)`` picks.
+    Where the wire enters a replicated stage, ``entry`` (a number unique in the pipe)
+    stamps every message with this sender's stream and a sequence number, which the
+    replica's outputs carry on to an ordered merge.
+    """
 
     def __init__(self, routine: str, block: bool, local: Sequence[LocalChannel],
-                 remote: Sequence[RemoteTarget], pool: Optional[Pool]) -> None:
+                 remote: Sequence[RemoteTarget], pool: Optional[Pool],
+                 replicated: Sequence[Sequence[RemoteTarget]] = (),
+                 choose: Optional[Callable[[Sequence[RemoteTarget], object], RemoteTarget]] = None,
+                 entry: Optional[int] = None) -> None:
         self._routine = routine
         self._block = block
         self._local = list(local)
         self._remote = list(remote)
         self._pool = pool
+        self._replicated = [list(group) for group in replicated]
+        self._choose = choose
+        self._entry = entry
+        self._seq = 0
 
     def allocate(self, shape: Tuple[int, ...], dtype: np.dtype,
                  should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
@@ -545,36 +586,55 @@ class WireSender:
         buffer = self._pool.allocate(size, self._block, should_stop)
         return None if buffer is None else np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
-    def send(self, obj: object, should_stop: Callable[[], bool]) -> None:
-        if self._remote:
-            record = encode(obj, self._pool, self._block, should_stop, self._routine)
-            for target in self._remote:
+    def send(self, obj: object, should_stop: Callable[[], bool], meta: Meta = None) -> None:
+        if self._entry is not None:
+            meta = ((_pid[0] << 16) | self._entry, self._seq)
+            self._seq += 1
+        remote, held = self._remote, None
+        if self._replicated:
+            remote = remote + [self._choose(group, obj) for group in self._replicated]
+            if self._pool is not None:
+                held = self._pool.holders([target.receiver for target in remote])
+        if remote:
+            record = encode(obj, self._pool, self._block, should_stop, self._routine, meta, held)
+            for target in remote:
                 if record is None:
                     target.ring.count_drop()
                     continue
                 target.ring.put(record, target.on_drop, should_stop)
                 target.bell.release()
         for channel in self._local:
-            channel.put(obj, should_stop)
+            channel.put(obj, should_stop, meta)
 
 
 class Inbox:
-    """Everything a routine waits on: its inputs and its doorbell."""
+    """Everything a routine waits on: its inputs and its doorbell.
+
+    ``meta`` is the order stamp of the message ``poll`` returned last. An input
+    with a ``wait_hint()`` (an ordered merge holding messages back) bounds the
+    doorbell wait, so it can give them up after its timeout.
+    """
 
     def __init__(self, bell: Doorbell, readers: Sequence[object] = ()) -> None:
         self.bell = bell
         self.readers: List[object] = list(readers)
         self._turn = 0
+        self.meta: Meta = None
 
     def poll(self) -> object:
         """The next waiting message, taking inputs in turn, or EMPTY."""
         readers = self.readers
         n = len(readers)
         if n == 1:
-            return readers[0].poll()
+            reader = readers[0]
+            obj = reader.poll()
+            self.meta = reader.meta
+            return obj
         for k in range(n):
-            obj = readers[(self._turn + k) % n].poll()
+            reader = readers[(self._turn + k) % n]
+            obj = reader.poll()
             if obj is not EMPTY:
+                self.meta = reader.meta
                 self._turn = (self._turn + k + 1) % n
                 return obj
         return EMPTY
@@ -583,6 +643,14 @@ class Inbox:
         """A message, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
         obj = self.poll()
         if obj is EMPTY:
-            self.bell.acquire()
+            hints = [r.wait_hint() for r in self.readers if hasattr(r, "wait_hint")]
+            hints = [h for h in hints if h is not None]
+            if hints:
+                try:
+                    self.bell.acquire(max(min(hints), 0.001))
+                except posix_ipc.BusyError:
+                    pass
+            else:
+                self.bell.acquire()
             obj = self.poll()
         return obj
