@@ -15,3 +15,7 @@ class EventError(PipeError, ValueError):
 
 class TransportError(PipeError):
     """A message cannot travel over a wire (too large, unpicklable, wire closed)."""
+
+
+class ClusterError(PipeError):
+    """The cluster a pipe should run on cannot be used (Ray missing or unreachable)."""

@@ -412,6 +412,7 @@ class _FlowProcess:
         for routine in self.flow.routines:
             routine._runtime = self
             routine.replica = replica
+            routine.node = self.pipe._node
             routine.logger = logging.getLogger(self.pipe._routine_logger_name(self.instance, routine.name))
         for runner in self.runners.values():
             runner.thread.start()

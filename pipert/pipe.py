@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import shm
+from .bridge import Hub
 from .errors import BuildError, EventError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
                      STOP_EVENT_NAME, check_params, handlers_of)
@@ -106,6 +107,7 @@ class _FlowState:
         self.reader: Optional[threading.Thread] = None
         self.send_lock = threading.Lock()
         self.ready = threading.Event()
+        self.node: Optional[Dict[str, str]] = None  # on a cluster: the Ray node id and host name
         self.alive = False
         self.exit_code: Optional[int] = None
         self.restarts = 0
@@ -128,14 +130,29 @@ class Pipe:
     ``jpeg_quality``. With ``auto_pacing_mechanism`` every source is slowed to
     the capacity of the slowest routine downstream of it times
     ``pacing_multiplier``, so no work is spent on frames that would be dropped.
+
+    ``cluster`` runs the flows on a Ray cluster: ``"ray"`` (the cluster this
+    machine belongs to, or a local one), ``"ray://HOST:PORT"`` or a Ray address;
+    see ``pipert.cluster``. None (the default) runs everything on this host.
     """
 
     def __init__(self, logger: Optional[logging.Logger] = None, wire_policy: str = LATEST, wire_depth: int = 1,
                  ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0,
                  auto_pacing_mechanism: bool = False, pacing_multiplier: float = 1.1,
-                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70) -> None:
+                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70,
+                 cluster: Optional[str] = None) -> None:
         if wire_policy not in POLICIES:
             raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
+        self._cluster: Any = None
+        if cluster is not None:
+            from .cluster import Cluster
+            self._cluster = Cluster(self, cluster)
+        self._here: Optional[set] = None  # the flow processes this host runs (None: all of them)
+        self._host_of: Dict[str, str] = {}  # flow process -> the host that runs it (on a cluster)
+        self._hub: Optional[Hub] = None
+        self._bridge_bells: List[Any] = []
+        self._upstream: Any = None  # on a node agent: its connection to the driver
+        self._node: Optional[Dict[str, str]] = None  # on a cluster: this host's Ray node id and host name
         self.logger = logger if logger is not None else _default_logger()
         self.id = secrets.token_hex(4)
         self.flows: Dict[str, Flow] = {}
@@ -170,6 +187,22 @@ class Pipe:
         self._shut_down = threading.Event()
         self._killing = False
         self._previous_sigterm: Any = None
+
+    _SETTINGS = {"logger": "logger", "wire_policy": "_wire_policy", "wire_depth": "_wire_depth",
+                 "ring_capacity": "_ring_capacity", "pool_slots": "_pool_slots", "kill_grace": "_kill_grace",
+                 "auto_pacing_mechanism": "_auto_pacing", "pacing_multiplier": "_pacing_multiplier",
+                 "fps_log_interval": "_fps_log_interval", "frames_per_second": "_frames_per_second",
+                 "jpeg_quality": "_jpeg_quality"}
+    _GRAPH = ("id", "flows", "wires", "_flow_list", "_flow_of", "_instances", "_instance_names", "_host_of")
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """The settings and graph of a validated pipe, for a node agent that runs part of it."""
+        return {"settings": {k: getattr(self, a) for k, a in self._SETTINGS.items()},
+                "graph": {a: getattr(self, a) for a in self._GRAPH}}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(**state["settings"])
+        self.__dict__.update(state["graph"])
 
     # ----- declaring the graph -----
 
@@ -285,16 +318,20 @@ class Pipe:
             if node not in colour:
                 visit(node, [])
 
+    def _is_here(self, instance: str) -> bool:
+        return self._here is None or instance in self._here
+
     def _plan(self, flow_of: Dict[str, str]) -> None:
-        """Every routine's inputs and outputs in every flow process: local channels inside a
-        process, one ring per (wire, source process, destination routine process) between them."""
+        """Every routine's inputs and outputs in the flow processes of this host: local channels
+        inside a process, one ring per (wire, source process, destination routine process)
+        between them. A ring to or from a process on another node ends in a bridge."""
         pid = os.getpid()
         bells = itertools.count()
         plans = {instance: {r.name: RoutinePlan(Inbox(shm.create_semaphore(shm.name(self.id, pid, f"bell{next(bells)}"),
                                                                             0)), [], {})
                             for r in flow.routines}
-                 for instance, flow in self._instances.items()}
-        entries = itertools.count(1)
+                 for instance, flow in self._instances.items() if self._is_here(instance)}
+        slots = self._pool_slots
         for index, wire in enumerate(self.wires):
             source, source_flow = wire.source.name, flow_of[wire.source.name]
             choose = ReplicaChooser(f"wire from routine '{source}'", wire.key)
@@ -302,40 +339,61 @@ class Pipe:
             receivers = sum(self.flows[flow_of[d.name]].replicas for d in wire.destinations
                             if flow_of[d.name] != source_flow)
             for number, instance in enumerate(self._instance_names[source_flow]):
+                here = self._is_here(instance)
                 pool = None
-                if receivers:
-                    pool = Pool(self.id, f"{index}_{number}", self._pool_slots or 2 * wire.depth + 4, receivers)
+                if receivers and here:
+                    pool = Pool(self.id, f"{index}_{number}", slots or 2 * wire.depth + 4, receivers)
                 local, remote, replicated, receiver = [], [], [], 0
                 for destination in wire.destinations:
                     if flow_of[destination.name] == source_flow:
-                        plan = plans[instance][destination.name]
-                        channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)
-                        local.append(channel)
-                        plan.local_channels[index] = channel
-                        plan.inbox.readers.append(channel)
-                        self._local.append((source, destination.name, instance, channel_key(index, destination.name)))
+                        if here:
+                            plan = plans[instance][destination.name]
+                            channel = LocalChannel(wire.depth, wire.policy, plan.inbox.bell)
+                            local.append(channel)
+                            plan.local_channels[index] = channel
+                            plan.inbox.readers.append(channel)
+                            self._local.append((source, destination.name, instance,
+                                                channel_key(index, destination.name)))
                         continue
                     group = []
                     for target_instance in self._instance_names[flow_of[destination.name]]:
-                        plan = plans[target_instance][destination.name]
-                        ring = ShmRing.create(self.id, f"{index}_{number}_{receiver}", self._ring_capacity,
-                                              wire.depth, wire.policy)
-                        target = RemoteTarget(ring, plan.inbox.bell, receiver, pool)
-                        reader = RingReader(ring, pool, receiver, wire.policy)
-                        if wire.ordered:
-                            merges.setdefault((target_instance, destination.name), []).append(reader)
+                        tag, receiver = f"{index}_{number}_{receiver}", receiver + 1
+                        there = self._is_here(target_instance)
+                        if not here and not there:
+                            continue
+                        ring = ShmRing.create(self.id, tag, self._ring_capacity, wire.depth, wire.policy)
+                        if here and not there:  # to another node: a bridge reads the ring
+                            bell = shm.create_semaphore(shm.name(self.id, pid, f"bridge{tag}"), 0)
+                            self._bridge_bells.append(bell)
+                            target = RemoteTarget(ring, bell, receiver - 1, pool)
+                            self._hub.send(tag, self._host_of[target_instance], ring, pool, receiver - 1, bell,
+                                           wire.policy)
                         else:
-                            plan.inbox.readers.append(reader)
+                            plan = plans[target_instance][destination.name]
+                            if here:
+                                target = RemoteTarget(ring, plan.inbox.bell, receiver - 1, pool)
+                                reader = RingReader(ring, pool, receiver - 1, wire.policy)
+                            else:  # from another node: a bridge writes the ring, through a pool of its own
+                                bridge_pool = Pool(self.id, f"in{tag}", slots or 2 * wire.depth + 4, 1)
+                                target = RemoteTarget(ring, plan.inbox.bell, 0, bridge_pool)
+                                reader = RingReader(ring, bridge_pool, 0, wire.policy)
+                                self._hub.expect(tag, ring, bridge_pool, plan.inbox.bell, wire.policy)
+                            if wire.ordered:
+                                merges.setdefault((target_instance, destination.name), []).append(reader)
+                            else:
+                                plan.inbox.readers.append(reader)
                         self._remote.append(_RemoteWire(source, destination.name, instance, target_instance, target))
                         group.append(target)
-                        receiver += 1
+                    if not here:
+                        continue
                     if len(group) > 1:
                         replicated.append(group)
                     else:
                         remote.extend(group)
-                plans[instance][source].senders.append(
-                    WireSender(source, wire.policy == BLOCK, local, remote, pool, replicated,
-                               choose if replicated else None, next(entries) if replicated else None))
+                if here:  # a sender into replicas stamps its own order stream: wire and source process
+                    plans[instance][source].senders.append(
+                        WireSender(source, wire.policy == BLOCK, local, remote, pool, replicated,
+                                   choose if replicated else None, (index << 8 | number) + 1 if replicated else None))
             for (instance, destination), readers in merges.items():
                 merge = OrderedMerge(readers)
                 plan = plans[instance][destination]
@@ -355,22 +413,12 @@ class Pipe:
         shm.sweep_stale()
         self._built = self._building = True
         try:
-            self._plan(flow_of)
-            self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd))
-            threading.Thread(target=self._read_zygote, name="pipert-zygote-reader", daemon=True).start()
-            atexit.register(self._shutdown)
-            for name in self._instances:
-                self._states[name] = _FlowState()
-                self._spawn(name)
-            deadline = time.monotonic() + _READY_TIMEOUT
-            for name, state in self._states.items():
-                while not state.ready.wait(0.05):
-                    if state.last_exit is not None:
-                        raise BuildError(f"flow '{name}' ended while starting ({state.last_exit['how']}): "
-                                         "see its log")
-                    if time.monotonic() > deadline:
-                        raise BuildError(f"flow '{name}' did not start within {_READY_TIMEOUT:.0f} s: "
-                                         "see its log")
+            if self._cluster is not None:
+                self._cluster.place()
+            self._start_host()
+            if self._cluster is not None:
+                self._cluster.start()
+            self._start_flows()
         except BaseException:
             self._shutdown()
             raise
@@ -384,6 +432,32 @@ class Pipe:
             if hasattr(handler, "send_pipe_creation"):
                 handler.send_pipe_creation(structure)
         self.logger.plog("pipe %s built: %d flows, %d routines", self.id, len(self.flows), len(self._flow_of))
+
+    def _start_host(self) -> None:
+        """The per-host part of build: this host's shared memory and bridges, and the zygote
+        that forks its flow processes (on a cluster, each node agent does the same)."""
+        self._plan(self._flow_of)
+        self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd))
+        threading.Thread(target=self._read_zygote, name="pipert-zygote-reader", daemon=True).start()
+        atexit.register(self._shutdown)
+
+    def _start_flows(self) -> None:
+        """Fork this host's flow processes and wait until each one is ready."""
+        local = [name for name in self._instances if self._is_here(name)]
+        for name in local:
+            self._states[name] = _FlowState()
+            self._states[name].node = self._node
+            self._spawn(name)
+        deadline = time.monotonic() + _READY_TIMEOUT
+        for name in local:
+            state = self._states[name]
+            while not state.ready.wait(0.05):
+                if state.last_exit is not None:
+                    raise BuildError(f"flow '{name}' ended while starting ({state.last_exit['how']}): "
+                                     "see its log")
+                if time.monotonic() > deadline:
+                    raise BuildError(f"flow '{name}' did not start within {_READY_TIMEOUT:.0f} s: "
+                                     "see its log")
 
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -420,23 +494,47 @@ class Pipe:
             kind = message[0]
             if kind == "ack":
                 state.routines.setdefault(message[2], {}).update(message[4])
-                result = self._results.get(message[1])
-                if result is not None:
-                    result._ack(replica_name(message[2], flow, name), message[3])
+                self._ack(message[1], replica_name(message[2], flow, name), message[3])
             elif kind == "status":
                 state.routines.update(message[2])
                 state.channels = message[3]
+            elif kind == "log" and self._upstream is not None:
+                self._upstream_send(message)
             elif kind == "log":
                 record = logging.makeLogRecord(message[1])
                 logging.getLogger(record.name).handle(record)
+            elif kind == "notify" and self._upstream is not None:
+                self._upstream_send(message)
             elif kind == "notify":
-                try:
-                    self._dispatch(message[1], self._resolve(message[1], message[2], message[3], False), message[3])
-                except Exception:
-                    self.logger.exception("event '%s' from flow '%s' could not be delivered", message[1], flow)
+                self._notify(flow, message[1], message[2], message[3])
             elif kind == "ready":
                 state.pid = message[2]
                 state.ready.set()
+
+    def _ack(self, event_id: int, routine: str, error: Optional[str]) -> None:
+        """A routine (``det/1`` for a replica) acknowledged an event; a node agent passes the
+        acknowledgements of the driver's events (positive ids) on to it."""
+        if self._upstream is not None:
+            if event_id > 0:
+                self._upstream_send(("ack", event_id, routine, error))
+            return
+        result = self._results.get(event_id)
+        if result is not None:
+            result._ack(routine, error)
+
+    def _notify(self, flow: str, name: str, targets: Optional[Dict[str, Any]], params: Dict[str, Any]) -> None:
+        """An event a routine sent (from flow process ``flow``)."""
+        try:
+            self._dispatch(name, self._resolve(name, targets, params, False), params)
+        except Exception:
+            self.logger.exception("event '%s' from flow '%s' could not be delivered", name, flow)
+
+    def _upstream_send(self, message: tuple) -> None:
+        with self._lock:
+            try:
+                self._upstream.send(message)
+            except (OSError, ValueError):
+                pass
 
     def _read_zygote(self) -> None:
         while True:
@@ -465,11 +563,18 @@ class Pipe:
         self._recover_wires(flow)
         if code != 0 or not self._killing:
             self.logger.error("flow '%s' (pid %d) ended: %s", flow, pid, how)
+        self._ended(flow, how)
+        if not self._killing and self._schedule_restart(flow, code):
+            return
+        self._check_all_exited()
+
+    def _ended(self, flow: str, how: str) -> None:
+        """Events that flow process ``flow`` will never acknowledge now fail for its routines."""
         for result in list(self._results.values()):
             for routine in self._instances[flow].routines:
                 result._ack(replica_name(routine.name, flow, self._instances[flow].name), f"flow '{flow}' ended ({how})")
-        if not self._killing and self._schedule_restart(flow, code):
-            return
+
+    def _check_all_exited(self) -> None:
         if not any(s.alive or s.restarting for s in self._states.values()):
             self._all_exited.set()
 
@@ -525,8 +630,7 @@ class Pipe:
             self.logger.info("flow '%s' restarted (pid %s)", flow, state.pid)
         finally:
             state.restarting = False
-            if not any(s.alive or s.restarting for s in self._states.values()):
-                self._all_exited.set()
+            self._check_all_exited()
 
     def _downstream(self) -> Dict[str, List[str]]:
         """For every source routine, every routine its data reaches."""
@@ -565,6 +669,8 @@ class Pipe:
             time.sleep(1.0)
 
     def _send_to_flow(self, flow: str, message: tuple) -> bool:
+        if not self._is_here(flow):
+            return self._cluster.send(flow, message)
         state = self._states[flow]
         with state.send_lock:
             if not state.alive:
@@ -644,11 +750,7 @@ class Pipe:
         result = EventResult(name, [replica_name(r, instance, self._instances[instance].name)
                                     for instance, routines in targets.items() for r in routines])
         self._results[event_id] = result
-        if name == KILL_EVENT_NAME:
-            self._killing = True
-        if name in (START_EVENT_NAME, STOP_EVENT_NAME):
-            for routines in targets.values():
-                self._wanted.update(dict.fromkeys(routines, name))
+        self._note_event(name, targets)
         for flow, routines in targets.items():
             if not self._send_to_flow(flow, ("event", event_id, name, routines, params)):
                 for routine in routines:
@@ -659,6 +761,15 @@ class Pipe:
                 for old in [k for k, r in list(self._results.items()) if r.done][:-100]:
                     self._results.pop(old, None)
         return result
+
+    def _note_event(self, name: str, targets: Dict[str, List[str]]) -> None:
+        """Remember what an event means for supervision: kill ends the pipe, start/stop are replayed
+        to a restarted flow."""
+        if name == KILL_EVENT_NAME:
+            self._killing = True
+        if name in (START_EVENT_NAME, STOP_EVENT_NAME):
+            for routines in targets.values():
+                self._wanted.update(dict.fromkeys(routines, name))
 
     def notify_event(self, event_name: str, specific_flow_routines: Optional[Dict[str, Any]] = None,
                      **params: Any) -> EventResult:
@@ -701,13 +812,16 @@ class Pipe:
         alive = {self._instances[name].name: [] for name, state in self._states.items() if state.alive}
         if alive:
             self._dispatch(KILL_EVENT_NAME, self._resolve(KILL_EVENT_NAME, alive, {}), {})
-            timer = threading.Timer(self._kill_grace, self._terminate_stragglers)
-            timer.daemon = True
-            timer.start()
+            self._arm_stragglers()
+
+    def _arm_stragglers(self) -> None:
+        timer = threading.Timer(self._kill_grace, self._terminate_stragglers)
+        timer.daemon = True
+        timer.start()
 
     def _terminate_stragglers(self) -> None:
         for name, state in self._states.items():
-            if state.alive and state.pid:
+            if state.alive and state.pid and self._is_here(name):
                 self.logger.warning("flow '%s' did not finish within %.1f s of kill (a routine stuck in "
                                     "main_logic?): terminating it", name, self._kill_grace)
                 try:
@@ -750,6 +864,10 @@ class Pipe:
             if not self._all_exited.wait(self._kill_grace + 0.5):
                 self._terminate_stragglers()
                 self._all_exited.wait(5.0)
+        if self._cluster is not None:
+            self._cluster.stop()
+        if self._hub is not None:
+            self._hub.close()
         if self._zygote is not None:
             self._zygote.stop()
         for state in self._states.values():
@@ -771,6 +889,8 @@ class Pipe:
         for plans in self._plans.values():
             for plan in plans.values():
                 plan.inbox.bell.close()
+        for bell in self._bridge_bells:
+            bell.close()
 
     # ----- introspection -----
 
@@ -813,6 +933,9 @@ class Pipe:
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}
+        for name, s in self._states.items():
+            if s.node is not None:
+                flows[name]["node"] = s.node
         wires = []
         for wire in self._remote:
             depth, dropped = wire.target.ring.stats()
@@ -827,6 +950,8 @@ class Pipe:
             else:  # the ordered merge of a wire out of replicas: held back, and skipped
                 wires.append({"source": source, "destination": self._qualified(destination, flow), "ordered": True,
                               "depth": depth, "dropped": dropped})
+        if self._cluster is not None:
+            wires = self._cluster.wires(wires)
         return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}
 
     def _qualified(self, routine: str, instance: str) -> str:

@@ -28,6 +28,8 @@ class Routine:
     writable_input: ClassVar[bool] = False
     replica: int = 0
     """Which replica of its flow runs this routine (0 .. replicas-1), set in the flow's process."""
+    node: Optional[Dict[str, str]] = None
+    """On a cluster, where the flow runs: ``{"node_id": Ray node id, "host": host name}``."""
 
     def __init__(self, name: Optional[str] = None) -> None:
         cls = type(self).__name__

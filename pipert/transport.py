@@ -473,9 +473,8 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
         raise TransportError(
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
-    stream, seq = meta or (0, 0)
     if not big:
-        return _MSG.pack(_MSG.size + len(body), _pid[0], 0, stream, seq) + body
+        return assemble(body, (), meta)
     refs = []
     for buf in big:
         ref = pool.store(buf.raw(), block, should_stop, held)
@@ -484,8 +483,21 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
                 pool.unstore(held)
             return None
         refs.append(ref)
+    return assemble(body, refs, meta)
+
+
+def assemble(body: bytes, refs: Sequence[bytes], meta: Meta) -> bytes:
+    """A record from a pickled ``body``, the pool references of its large buffers and its order stamp."""
+    stream, seq = meta or (0, 0)
     size = _MSG.size + len(refs) * _REF.size + len(body)
     return b"".join((_MSG.pack(size, _pid[0], len(refs), stream, seq), *refs, body))
+
+
+def split(record: bytes) -> Tuple[int, List[Tuple[int, int, int, int]], memoryview, Meta]:
+    """A record's producer pid, pool references, pickled body and order stamp (``assemble`` reversed)."""
+    _, pid, count, stream, seq = _MSG.unpack_from(record, 0)
+    refs = [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
+    return pid, refs, memoryview(record)[_MSG.size + count * _REF.size:], (stream, seq) if stream else None
 
 
 def record_meta(record: bytes) -> Meta:
@@ -496,12 +508,10 @@ def record_meta(record: bytes) -> Meta:
 
 def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
     """The object in ``record``; its large buffers are read-only views of the pool."""
-    _, pid, count, _, _ = _MSG.unpack_from(record, 0)
-    if not count:
+    if not _MSG.unpack_from(record, 0)[2]:
         return pickle.loads(memoryview(record)[_MSG.size:])
-    buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
-               for i in range(count)]
-    return pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
+    pid, refs, body, _ = split(record)
+    return pickle.loads(body, buffers=[pool.view(pid, *ref, receiver) for ref in refs])
 
 
 _pid = [os.getpid()]
@@ -557,7 +567,7 @@ class WireSender:
 
     A destination in a flow with replicas has one target per replica, a group in
     ``replicated``: each message goes to the one ``choose(group, message)`` picks.
-    Where the wire enters a replicated stage, ``entry`` (a number unique in the pipe)
+    Where the wire enters a replicated stage, ``entry`` (a number unique in the pipe, < 2**24)
     stamps every message with this sender's stream and a sequence number, which the
     replica's outputs carry on to an ordered merge.
     """
@@ -588,7 +598,7 @@ class WireSender:
 
     def send(self, obj: object, should_stop: Callable[[], bool], meta: Meta = None) -> None:
         if self._entry is not None:
-            meta = ((_pid[0] << 16) | self._entry, self._seq)
+            meta = ((_pid[0] << 24) | self._entry, self._seq)
             self._seq += 1
         remote, held = self._remote, None
         if self._replicated:
