@@ -90,12 +90,12 @@ def _receive(sock: socket.socket, view: memoryview) -> None:
 class _BridgeOut(threading.Thread):
     """Reads one ring on the producer's host and streams its records to the consumer's host."""
 
-    def __init__(self, hub: "Hub", key: str, host: str, ring: ShmRing, pool: Pool, receiver: int,
+    def __init__(self, hub: "Hub", key: str, consumer: str, ring: ShmRing, pool: Pool, receiver: int,
                  bell: Doorbell, policy: str) -> None:
         super().__init__(name=f"pipert-bridge-out-{key}", daemon=True)
         self._hub = hub
         self.key = key
-        self.host = host  # the id of the host the consumer runs on
+        self.consumer = consumer  # the flow process at the other end
         self.ring = ring
         self._reader = RingReader(ring, pool, receiver, policy)
         self._pool = pool
@@ -106,7 +106,7 @@ class _BridgeOut(threading.Thread):
 
     def _connection(self) -> Optional[socket.socket]:
         if self._conn is None:
-            address = self._hub.addresses.get(self.host)
+            address = self._hub.addresses.get(self.consumer)
             if address is None:
                 return None
             try:
@@ -157,6 +157,9 @@ class _BridgeOut(threading.Thread):
             conn.sendall(_SIZE.pack(len(batch)) + batch)
             for view in buffers:
                 conn.sendall(view)
+
+    def on_drop(self, record: bytes) -> None:
+        self._pool.release_record(record, self._receiver)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -235,7 +238,7 @@ class _BridgeIn(threading.Thread):
 
 class Hub:
     """A host's end of the network: the listener for bridges (and, on the driver, agents),
-    the bridges out of this host, and where every host listens."""
+    the bridges out of this host, and where the host of every flow process listens."""
 
     def __init__(self, host_ip: str, authkey: bytes,
                  on_agent: Optional[Callable[[str, Connection], None]] = None) -> None:
@@ -257,18 +260,26 @@ class Hub:
         """Deliver the bridge stream ``key`` (when it connects, again after a reconnect) into ``ring``."""
         self._incoming[key] = (ring, pool, bell, policy)
 
-    def send(self, key: str, host: str, ring: ShmRing, pool: Pool, receiver: int, bell: Doorbell,
+    def send(self, key: str, consumer: str, ring: ShmRing, pool: Pool, receiver: int, bell: Doorbell,
              policy: str) -> None:
-        """Stream ``ring`` (read as ``receiver`` of ``pool``) to the host ``host`` once it is known."""
-        self._outgoing.append(_BridgeOut(self, key, host, ring, pool, receiver, bell, policy))
+        """Stream ``ring`` (read as ``receiver`` of ``pool``) to the host of flow process ``consumer``."""
+        self._outgoing.append(_BridgeOut(self, key, consumer, ring, pool, receiver, bell, policy))
 
     def start(self, addresses: Dict[str, Optional[Tuple[str, int]]]) -> None:
-        """Learn where hosts listen (None: a host is gone) and start the bridges out that wait."""
-        for host, address in addresses.items():
+        """Learn where the host of each flow process listens and start the bridges out that wait.
+
+        None means the process's node is lost: a ``block`` producer then drops instead of
+        waiting for it, until it runs again somewhere."""
+        for consumer, address in addresses.items():
             if address is None:
-                self.addresses.pop(host, None)
+                self.addresses.pop(consumer, None)
             else:
-                self.addresses[host] = tuple(address)
+                self.addresses[consumer] = tuple(address)
+            for bridge in self._outgoing:
+                if bridge.consumer == consumer and address is None:
+                    bridge.ring.recover(False, bridge.on_drop, True)
+                elif bridge.consumer == consumer:
+                    bridge.ring.consumer_back()
         for bridge in self._outgoing:
             if not bridge.ident:
                 bridge.start()

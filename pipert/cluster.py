@@ -189,6 +189,7 @@ class Cluster:
         self._connected: Dict[str, threading.Event] = {}
         self._heard: Dict[str, float] = {}
         self._wires: Dict[str, List[Dict[str, Any]]] = {}
+        self._addresses: Dict[str, Tuple[str, int]] = {}  # host -> where its hub listens
         self._hosts_made = 0
         self._stopped = False
 
@@ -224,21 +225,33 @@ class Cluster:
                                  "1}'`")
 
     def _place(self, instances: List[str]) -> Dict[str, Dict[str, str]]:
-        """Reserve each flow process's resources with an actor Ray places; the node each landed on."""
+        """Reserve each flow process's resources with an actor Ray places; the node each landed on.
+
+        An actor that dies before it runs (Ray placed it on a node that was just lost) is
+        placed again, until ``PLACE_TIMEOUT``."""
         ray = self.ray
         agent_class = ray.remote(_Agent)
-        for instance in instances:
-            self._holders[instance] = agent_class.options(
-                **_options(self._pipe._instances[instance].resources)).remote()
-        refs = [self._holders[i].where.remote() for i in instances]
-        try:
-            return dict(zip(instances, ray.get(refs, timeout=PLACE_TIMEOUT)))
-        except ray.exceptions.GetTimeoutError:
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            waiting = [i for i, r in zip(instances, refs) if r not in ready]
-            raise BuildError(f"flow processes {waiting} could not be placed within {PLACE_TIMEOUT:.0f} s: the "
-                             "nodes with their resources are busy (too many replicas, or other work holds them); "
-                             "add nodes or lower replicas") from None
+        deadline = time.monotonic() + PLACE_TIMEOUT
+        placed: Dict[str, Dict[str, str]] = {}
+        while len(placed) < len(instances):
+            todo = [i for i in instances if i not in placed]
+            for instance in todo:
+                self._holders[instance] = agent_class.options(
+                    **_options(self._pipe._instances[instance].resources)).remote()
+            refs = {self._holders[i].where.remote(): i for i in todo}
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+                if not ready:
+                    waiting = sorted(refs[r] for r in pending)
+                    raise BuildError(f"flow processes {waiting} could not be placed within {PLACE_TIMEOUT:.0f} s: "
+                                     "the nodes with their resources are busy (too many replicas, or other work "
+                                     "holds them); add nodes or lower replicas")
+                try:
+                    placed[refs[ready[0]]] = ray.get(ready[0])
+                except ray.exceptions.RayActorError:
+                    pass
+        return placed
 
     def _new_host(self, node: Dict[str, str], instances: List[str]) -> str:
         self._hosts_made += 1
@@ -271,6 +284,7 @@ class Cluster:
         for instances in by_node.values():
             self._new_host(placed[instances[0]], instances)
         pipe._hub = Hub(ray.util.get_node_ip_address(), self._authkey, self._agent_connected)
+        self._addresses[_DRIVER] = pipe._hub.address
         for host, instances in self._hosts.items():
             for instance in instances:
                 pipe._states[instance] = _FlowState()
@@ -283,9 +297,10 @@ class Cluster:
         try:
             listening = ray.get([self._agents[h].prepare.remote(pipe, h, self._hosts[h], self._authkey)
                                  for h in hosts])
-            addresses = {_DRIVER: pipe._hub.address, **dict(zip(hosts, listening))}
+            self._addresses.update(zip(hosts, listening))
+            addresses = {i: self._addresses[h] for i, h in pipe._host_of.items() if h in self._addresses}
             for host in list(self._conns):
-                self._send(host, ("hosts", dict(zip(hosts, listening))))
+                self._send(host, ("hosts", addresses))
             pipe._hub.start(addresses)
             flows = ray.get([self._agents[h].start.remote(h, pipe._hub.address, self._authkey, addresses)
                              for h in hosts])
@@ -401,15 +416,21 @@ class Cluster:
                 state.routines.setdefault(routine.name, {})["state"] = "dead"
             if was_alive:
                 pipe._ended(instance, "node lost")
+        self._addresses.pop(host, None)
+        gone = dict.fromkeys(instances)
         for other in list(self._conns):
-            self._send(other, ("hosts", {host: None}))
-        pipe._hub.start({host: None})
+            self._send(other, ("hosts", gone))
+        pipe._hub.start(gone)
         threading.Thread(target=self._replace, args=(host,), name="pipert-replace", daemon=True).start()
 
     def _replace(self, lost: str) -> None:
         """Run a lost node's flow processes on another node with their resources, or mark them dead."""
         pipe, ray = self._pipe, self.ray
         instances = self._hosts.pop(lost, [])
+        node_id = self._nodes[lost]["node_id"]
+        deadline = time.monotonic() + PLACE_TIMEOUT  # Ray must know the node is dead before it places again
+        while time.monotonic() < deadline and any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            time.sleep(0.2)
         for instance in instances:
             try:
                 ray.kill(self._holders.pop(instance))

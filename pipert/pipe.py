@@ -198,11 +198,12 @@ class Pipe:
     def __getstate__(self) -> Dict[str, Any]:
         """The settings and graph of a validated pipe, for a node agent that runs part of it."""
         return {"settings": {k: getattr(self, a) for k, a in self._SETTINGS.items()},
-                "graph": {a: getattr(self, a) for a in self._GRAPH}}
+                "graph": {a: getattr(self, a) for a in self._GRAPH}, "log_level": self.logger.getEffectiveLevel()}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state["settings"])
         self.__dict__.update(state["graph"])
+        self.logger.setLevel(state["log_level"])
 
     # ----- declaring the graph -----
 
@@ -366,8 +367,7 @@ class Pipe:
                             bell = shm.create_semaphore(shm.name(self.id, pid, f"bridge{tag}"), 0)
                             self._bridge_bells.append(bell)
                             target = RemoteTarget(ring, bell, receiver - 1, pool)
-                            self._hub.send(tag, self._host_of[target_instance], ring, pool, receiver - 1, bell,
-                                           wire.policy)
+                            self._hub.send(tag, target_instance, ring, pool, receiver - 1, bell, wire.policy)
                         else:
                             plan = plans[target_instance][destination.name]
                             if here:
