@@ -32,7 +32,7 @@ from .transport import Doorbell, Pool, RingReader, ShmRing, assemble, split
 from .wire import BLOCK
 
 _log = logging.getLogger(__name__)
-_ENTRY = struct.Struct("!IQQH")  # body bytes, order stream, order seq, number of large buffers
+_ENTRY = struct.Struct("!IdQQH")  # body bytes, source time, order stream, order seq, number of large buffers
 _SIZE = struct.Struct("!Q")
 _BATCH = 64  # records sent in one batch at most
 _RETRY = 0.2  # seconds between connection attempts while the other host is not reachable
@@ -141,14 +141,14 @@ class _BridgeOut(threading.Thread):
         """One batch: its size, every record's header and body, then each large buffer."""
         head, buffers = [], []
         for record in records:
-            pid, refs, body, meta = split(record)
+            pid, refs, body, stamp, meta = split(record)
             try:
                 views = [self._pool.view(pid, *ref, self._receiver) for ref in refs]
             except posix_ipc.ExistentialError:  # its producer died and its slots are gone
                 self._pool.release_record(record, self._receiver)
                 continue
             stream, seq = meta or (0, 0)
-            head.append(_ENTRY.pack(len(body), stream, seq, len(views)))
+            head.append(_ENTRY.pack(len(body), stamp, stream, seq, len(views)))
             head.extend(_SIZE.pack(view.nbytes) for view in views)
             head.append(body)
             buffers.extend(views)
@@ -193,13 +193,13 @@ class _BridgeIn(threading.Thread):
                 _receive(self._conn, batch)
                 offset = 0
                 while offset < len(batch):
-                    size, stream, seq, count = _ENTRY.unpack_from(batch, offset)
+                    size, stamp, stream, seq, count = _ENTRY.unpack_from(batch, offset)
                     offset += _ENTRY.size
                     sizes = [_SIZE.unpack_from(batch, offset + 8 * i)[0] for i in range(count)]
                     offset += 8 * count
                     body = batch[offset:offset + size]
                     offset += size
-                    self._deliver(body, sizes, (stream, seq) if stream else None)
+                    self._deliver(body, sizes, stamp, (stream, seq) if stream else None)
         except (EOFError, OSError):
             pass
         finally:
@@ -212,7 +212,7 @@ class _BridgeIn(threading.Thread):
         except OSError:
             pass
 
-    def _deliver(self, body: memoryview, sizes: List[int], meta: Optional[Tuple[int, int]]) -> None:
+    def _deliver(self, body: memoryview, sizes: List[int], stamp: float, meta: Optional[Tuple[int, int]]) -> None:
         slots, refs = [], []
         for size in sizes:
             slot = self._pool.allocate(size, self._block, self._stop)
@@ -229,7 +229,7 @@ class _BridgeIn(threading.Thread):
         for slot in slots:
             refs.append(self._pool.store(slot, self._block, self._stop))
         del slots
-        self._ring.put(assemble(body, refs, meta), self._on_drop, self._stop)
+        self._ring.put(assemble(body, refs, stamp, meta), self._on_drop, self._stop)
         self._bell.release()
 
     def _on_drop(self, record: bytes) -> None:

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import shm
 from .bridge import Hub
@@ -26,6 +26,7 @@ from .errors import BuildError, EventError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
                      STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, RUNNING, Flow, RoutinePlan, channel_key, run_flow
+from .params import declared_params, raise_problems, resolve_params
 from .replicas import OrderedMerge, ReplicaChooser, instance_names, replica_name
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
@@ -131,6 +132,9 @@ class Pipe:
     the capacity of the slowest routine downstream of it times
     ``pacing_multiplier``, so no work is spent on frames that would be dropped.
 
+    ``params`` cascade: each applies to every routine that declares a parameter
+    of that name (see ``pipert.Param``) and does not set it itself.
+
     ``cluster`` runs the flows on a Ray cluster: ``"ray"`` (the cluster this
     machine belongs to, or a local one), ``"ray://HOST:PORT"`` or a Ray address;
     see ``pipert.cluster``. None (the default) runs everything on this host.
@@ -140,7 +144,7 @@ class Pipe:
                  ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0,
                  auto_pacing_mechanism: bool = False, pacing_multiplier: float = 1.1,
                  fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70,
-                 cluster: Optional[str] = None) -> None:
+                 params: Optional[Dict[str, Any]] = None, cluster: Optional[str] = None) -> None:
         if wire_policy not in POLICIES:
             raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
         self._cluster: Any = None
@@ -155,6 +159,7 @@ class Pipe:
         self._node: Optional[Dict[str, str]] = None  # on a cluster: this host's Ray node id and host name
         self.logger = logger if logger is not None else _default_logger()
         self.id = secrets.token_hex(4)
+        self.params: Dict[str, Any] = dict(params or {})
         self.flows: Dict[str, Flow] = {}
         self.wires: List[Wire] = []
         self._flow_list: List[Flow] = []
@@ -192,7 +197,7 @@ class Pipe:
                  "ring_capacity": "_ring_capacity", "pool_slots": "_pool_slots", "kill_grace": "_kill_grace",
                  "auto_pacing_mechanism": "_auto_pacing", "pacing_multiplier": "_pacing_multiplier",
                  "fps_log_interval": "_fps_log_interval", "frames_per_second": "_frames_per_second",
-                 "jpeg_quality": "_jpeg_quality"}
+                 "jpeg_quality": "_jpeg_quality", "params": "params"}
     _GRAPH = ("id", "flows", "wires", "_flow_list", "_flow_of", "_instances", "_instance_names", "_host_of")
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -299,7 +304,26 @@ class Pipe:
                 raise BuildError(f"routine '{name}' has no outputs: wire it to a destination, or make it a "
                                  "DestinationRoutine")
         self._check_acyclic(edges)
+        self._settle_params(names.values())
         return {name: flow_of[id(routine)] for name, routine in names.items()}
+
+    def _settle_params(self, routines: Iterable[Routine]) -> None:
+        """Fix every routine's parameters (its own, else the pipe's, else defaults); one ParamError
+        lists every missing, unknown or invalid one, so nothing starts with a bad value."""
+        problems: List[str] = []
+        settled = []
+        for routine in routines:
+            values, found = resolve_params(routine.name, type(routine), routine._given, self.params)
+            problems += found
+            settled.append((routine, values))
+        declared = {name for routine, _ in settled for name in declared_params(type(routine))}
+        for name in self.params:
+            if name not in declared:
+                problems.append(f"pipe parameter '{name}' (given {self.params[name]!r}) is declared by no routine: "
+                                f"remove it or check its spelling; routines declare {sorted(declared) or 'none'}")
+        raise_problems(problems)
+        for routine, values in settled:
+            routine._params = values
 
     @staticmethod
     def _check_acyclic(edges: Dict[str, List[str]]) -> None:
@@ -898,17 +922,20 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines and the events they handle (the cockpit's ``pipe_creation`` message)."""
+        """The routines, the events they handle and the parameters they declare (the cockpit's
+        ``pipe_creation`` message)."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
-                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS)}
+                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
             "Events": list(BUILTIN_EVENTS),
         }
 
     def _routine_status(self, flow: Flow, routine: Routine) -> Dict[str, Any]:
-        """One routine's state and counters; over replicas the counters are summed, the state is
-        ``running`` while any replica runs, and ``replicas`` holds each one's state."""
+        """One routine's state, counters and parameters; over replicas the counters are summed, the
+        latency is the slowest replica's, the state is ``running`` while any replica runs, and
+        ``replicas`` holds each one's state."""
         instances = self._instance_names.get(flow.name, [flow.name])
         reports = [self._states[i].routines.get(routine.name, {}) if i in self._states else {} for i in instances]
         states = [r.get("state", IDLE) for r in reports]
@@ -922,13 +949,16 @@ class Pipe:
             "capacity": round(sum(capacities), 2) if capacities else None,
             "paced_fps": paced[0] if paced else None,
             "log_data": any(r.get("log_data", False) for r in reports),
-            "error": next((r["error"] for r in reports if r.get("error")), None)}
+            "error": next((r["error"] for r in reports if r.get("error")), None),
+            "latency": max((r["latency"] for r in reports if r.get("latency")), key=lambda q: q["p99"], default=None),
+            "params": reports[0].get("params", routine.params)}
         if flow.replicas > 1:
             status["replicas"] = dict(zip(instances, states))
         return status
 
     def status(self) -> Dict[str, Any]:
-        """Routine states and counters, flow processes, and wire depths and drops, as plain JSON."""
+        """Routine states, counters and parameter values, flow processes, and wire depths and drops, as
+        plain JSON."""
         routines = {r.name: self._routine_status(flow, r) for flow in self._flow_list for r in flow.routines}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}

@@ -9,6 +9,11 @@ no copy on receive. A slot is reused only when every receiver's flag says it
 released the slot (its arrays were garbage collected); only the owner counts,
 so no cross-process atomics are needed.
 
+Every message carries its source time: the wall-clock time (``time.time()``)
+its source routine produced it, which a middle routine's outputs inherit from
+the input they came from. It travels in the record header between flows and
+next to the object in a local channel; readers return ``(stamp, object)``.
+
 Every consumer waits on one ``Doorbell`` (a posix semaphore) that producers and
 events ring; it polls its inputs before waiting, so no wake-up is ever lost and
 an idle routine burns no CPU.
@@ -72,7 +77,7 @@ class LocalChannel:
         self.dropped = 0
         self.meta: Meta = None
 
-    def put(self, obj: object, should_stop: Callable[[], bool], meta: "Meta" = None) -> None:
+    def put(self, obj: object, stamp: float, should_stop: Callable[[], bool], meta: "Meta" = None) -> None:
         if self._space is not None:
             while not self._space.acquire(timeout=_WAIT_SLICE):
                 if should_stop():
@@ -83,17 +88,18 @@ class LocalChannel:
                 self.dropped += 1
             except IndexError:
                 pass
-        self._queue.append((obj, meta))
+        self._queue.append(((stamp, obj), meta))
         self._bell.release()
 
     def poll(self) -> object:
+        """The oldest ``(stamp, object)``, or EMPTY."""
         try:
-            obj, self.meta = self._queue.popleft()
+            message, self.meta = self._queue.popleft()
         except IndexError:
             return EMPTY
         if self._space is not None:
             self._space.release()
-        return obj
+        return message
 
     def depth(self) -> int:
         return len(self._queue)
@@ -296,7 +302,7 @@ class ShmRing:
 
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
-_MSG = struct.Struct("=IIHQQ")  # record length, producer pid, number of pool references, order stamp
+_MSG = struct.Struct("=IIHdQQ")  # record length, producer pid, pool references, source time, order stamp
 _REF = struct.Struct("=HIQQ")  # slot, generation, offset, bytes
 
 
@@ -458,10 +464,10 @@ def _refs(record: bytes) -> List[Tuple[int, int, int, int]]:
     return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
 
 
-def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
+def encode(obj: object, stamp: float, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
            routine: str, meta: Meta = None, held: Optional[bytes] = None) -> Optional[bytes]:
-    """One record for every remote receiver of a wire (or the receivers ``held`` names), or
-    None if the pool is full (``latest``)."""
+    """One record (``obj``, its source time ``stamp`` and order stamp ``meta``) for every remote
+    receiver of a wire (or the receivers ``held`` names), or None if the pool is full (``latest``)."""
     big: list = []
     try:
         if pool is None:
@@ -474,7 +480,7 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
     if not big:
-        return assemble(body, (), meta)
+        return assemble(body, (), stamp, meta)
     refs = []
     for buf in big:
         ref = pool.store(buf.raw(), block, should_stop, held)
@@ -483,35 +489,39 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
                 pool.unstore(held)
             return None
         refs.append(ref)
-    return assemble(body, refs, meta)
+    return assemble(body, refs, stamp, meta)
 
 
-def assemble(body: bytes, refs: Sequence[bytes], meta: Meta) -> bytes:
-    """A record from a pickled ``body``, the pool references of its large buffers and its order stamp."""
+def assemble(body: bytes, refs: Sequence[bytes], stamp: float, meta: Meta) -> bytes:
+    """A record from a pickled ``body``, the pool references of its large buffers, its source time
+    and its order stamp."""
     stream, seq = meta or (0, 0)
     size = _MSG.size + len(refs) * _REF.size + len(body)
-    return b"".join((_MSG.pack(size, _pid[0], len(refs), stream, seq), *refs, body))
+    return b"".join((_MSG.pack(size, _pid[0], len(refs), stamp, stream, seq), *refs, body))
 
 
-def split(record: bytes) -> Tuple[int, List[Tuple[int, int, int, int]], memoryview, Meta]:
-    """A record's producer pid, pool references, pickled body and order stamp (``assemble`` reversed)."""
-    _, pid, count, stream, seq = _MSG.unpack_from(record, 0)
+def split(record: bytes) -> Tuple[int, List[Tuple[int, int, int, int]], memoryview, float, Meta]:
+    """A record's producer pid, pool references, pickled body, source time and order stamp
+    (``assemble`` reversed)."""
+    _, pid, count, stamp, stream, seq = _MSG.unpack_from(record, 0)
     refs = [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
-    return pid, refs, memoryview(record)[_MSG.size + count * _REF.size:], (stream, seq) if stream else None
+    return pid, refs, memoryview(record)[_MSG.size + count * _REF.size:], stamp, (stream, seq) if stream else None
 
 
 def record_meta(record: bytes) -> Meta:
     """The order stamp of ``record``."""
-    stream, seq = _MSG.unpack_from(record, 0)[3:]
+    stream, seq = _MSG.unpack_from(record, 0)[4:]
     return (stream, seq) if stream else None
 
 
-def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
-    """The object in ``record``; its large buffers are read-only views of the pool."""
-    if not _MSG.unpack_from(record, 0)[2]:
-        return pickle.loads(memoryview(record)[_MSG.size:])
-    pid, refs, body, _ = split(record)
-    return pickle.loads(body, buffers=[pool.view(pid, *ref, receiver) for ref in refs])
+def decode(record: bytes, pool: Optional[Pool], receiver: int) -> Tuple[float, object]:
+    """``(source time, object)`` of ``record``; the object's large buffers are read-only views of the pool."""
+    _, pid, count, stamp, _, _ = _MSG.unpack_from(record, 0)
+    if not count:
+        return stamp, pickle.loads(memoryview(record)[_MSG.size:])
+    buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
+               for i in range(count)]
+    return stamp, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
 
 
 _pid = [os.getpid()]
@@ -535,6 +545,7 @@ class RingReader:
         self.meta: Meta = None
 
     def poll(self) -> object:
+        """The oldest ``(stamp, object)``, or EMPTY."""
         if not self._taken:
             self._taken.extend(self._ring.get(self._everything))
             if not self._taken:
@@ -596,7 +607,9 @@ class WireSender:
         buffer = self._pool.allocate(size, self._block, should_stop)
         return None if buffer is None else np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
-    def send(self, obj: object, should_stop: Callable[[], bool], meta: Meta = None) -> None:
+    def send(self, obj: object, stamp: float, should_stop: Callable[[], bool], meta: Meta = None) -> None:
+        """Send ``obj``, produced by its source at ``stamp`` (``time.time()``), to every destination,
+        carrying the order stamp ``meta`` of the input it came from (or a new one, into replicas)."""
         if self._entry is not None:
             meta = ((_pid[0] << 24) | self._entry, self._seq)
             self._seq += 1
@@ -606,7 +619,7 @@ class WireSender:
             if self._pool is not None:
                 held = self._pool.holders([target.receiver for target in remote])
         if remote:
-            record = encode(obj, self._pool, self._block, should_stop, self._routine, meta, held)
+            record = encode(obj, stamp, self._pool, self._block, should_stop, self._routine, meta, held)
             for target in remote:
                 if record is None:
                     target.ring.count_drop()
@@ -614,7 +627,7 @@ class WireSender:
                 target.ring.put(record, target.on_drop, should_stop)
                 target.bell.release()
         for channel in self._local:
-            channel.put(obj, should_stop, meta)
+            channel.put(obj, stamp, should_stop, meta)
 
 
 class Inbox:
@@ -632,7 +645,7 @@ class Inbox:
         self.meta: Meta = None
 
     def poll(self) -> object:
-        """The next waiting message, taking inputs in turn, or EMPTY."""
+        """The next waiting ``(stamp, message)``, taking inputs in turn, or EMPTY."""
         readers = self.readers
         n = len(readers)
         if n == 1:
@@ -650,7 +663,7 @@ class Inbox:
         return EMPTY
 
     def next(self) -> object:
-        """A message, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
+        """A ``(stamp, message)``, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
         obj = self.poll()
         if obj is EMPTY:
             hints = [r.wait_hint() for r in self.readers if hasattr(r, "wait_hint")]
