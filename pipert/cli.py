@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import dotenv
 
 from .api import APIWrapper
-from .errors import BuildError
+from .errors import BuildError, ClusterError
 from .pipe import Pipe
 from .rpc import RPCPipeWrapper, SendToken
 
@@ -176,17 +176,22 @@ class _Signals:
 
 
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
-        start: bool, ack_timeout: float) -> int:
+        start: bool, ack_timeout: float, cluster: Optional[str] = None) -> int:
     """Run the daemon (see the module docstring); the process's exit code."""
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
         pipe = load_target(target)
+        if cluster is not None:
+            if pipe.built:
+                raise UsageError(f"--cluster needs TARGET {target!r} to return the pipe before build(): "
+                                 "remove the build() call from the factory")
+            pipe.set_cluster(cluster)
         if not pipe.status()["flows"]:  # flows get a status at build
             pipe.build()
     except KeyboardInterrupt:
         _say("interrupted before the pipe ran")
         return 0
-    except (UsageError, BuildError) as exc:
+    except (UsageError, BuildError, ClusterError) as exc:
         return _fail(str(exc))
     except Exception:
         traceback.print_exc()
@@ -303,6 +308,9 @@ def _parser() -> argparse.ArgumentParser:
                              "(prefer it: flags show in ps)")
     runner.add_argument("--ack-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a control call waits for an event's handlers (default 10)")
+    runner.add_argument("--cluster", nargs="?", const="ray", metavar="ADDRESS",
+                        help="run the flows on a Ray cluster (ray, ray://HOST:PORT or HOST:PORT; alone: ray), "
+                             "whatever the pipe's own cluster= says; needs pip install pipert-daemon[ray]")
     commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
                         add_help=False)
     return parser
@@ -330,7 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if public and not token:
             _log.warning("control servers listen on %s without a token: anyone who reaches them controls the "
                          "pipe; set %s", public, TOKEN_VARIABLE)
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout)
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.cluster)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2

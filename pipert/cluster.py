@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -196,9 +197,21 @@ class Cluster:
     # ----- build -----
 
     def _connect(self) -> None:
+        """ray.init, keeping the process's own SIGTERM handler (Ray's would exit without our shutdown)."""
         ray = self.ray
         if ray.is_initialized():
             return
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            self._init()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        self._started_ray = True
+
+    def _init(self) -> None:
+        ray = self.ray
         if self._address == "ray":
             try:
                 ray.init(address="auto", logging_level=logging.WARNING)
@@ -210,7 +223,6 @@ class Cluster:
             except Exception as exc:
                 raise ClusterError(f"cannot reach the Ray cluster at {self._address!r} ({exc}): start it with "
                                    "`ray start --head` and pass its address") from None
-        self._started_ray = True
 
     def _check_feasible(self) -> None:
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]

@@ -148,9 +148,7 @@ class Pipe:
         if wire_policy not in POLICIES:
             raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
         self._cluster: Any = None
-        if cluster is not None:
-            from .cluster import Cluster
-            self._cluster = Cluster(self, cluster)
+        self.set_cluster(cluster)
         self._here: Optional[set] = None  # the flow processes this host runs (None: all of them)
         self._host_of: Dict[str, str] = {}  # flow process -> the host that runs it (on a cluster)
         self._hub: Optional[Hub] = None
@@ -209,6 +207,16 @@ class Pipe:
         self.__init__(**state["settings"])
         self.__dict__.update(state["graph"])
         self.logger.setLevel(state["log_level"])
+
+    def set_cluster(self, cluster: Optional[str]) -> None:
+        """Run on ``cluster`` (see the class docstring; None: this host) instead of what the pipe
+        was made with; before ``build()``. Without Ray installed this fails at once."""
+        if getattr(self, "_built", False):
+            raise BuildError("set_cluster() comes before build(): the pipe's flows already run")
+        self._cluster = None
+        if cluster is not None:
+            from .cluster import Cluster
+            self._cluster = Cluster(self, cluster)
 
     # ----- declaring the graph -----
 

@@ -250,3 +250,50 @@ def test_replicas_spread_by_resources_and_keyed(cluster, make_pipe, tmp_path):
         replicas.setdefault(r["n"] % 3, set()).add(r["replica"])
     assert all(len(v) == 1 for v in replicas.values())
     pipe.join(to_kill=True)
+
+
+_APP = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import Counter, Recorder
+from pipert import Pipe, Wire
+
+
+def make_pipe():
+    pipe = Pipe()
+    camera, sink = Counter(period=0.01), Recorder({out!r})
+    pipe.create_flow("capture", False, camera, resources={{"camera": 1}})
+    pipe.create_flow("output", False, sink)
+    pipe.link(Wire(source=camera, destinations=(sink,)))
+    return pipe
+"""
+
+
+def test_pipert_run_cluster_serves_http_and_stops_on_sigterm(cluster, tmp_path):
+    import json
+    import urllib.request
+    from helpers import clean_env, free_port, pipert_command
+
+    out, app, port = tmp_path / "out.jsonl", tmp_path / "app.py", free_port()
+    app.write_text(_APP.format(tests=os.path.dirname(__file__), out=str(out)))
+    daemon = subprocess.Popen(pipert_command() + ["run", f"{app}:make_pipe", "--cluster", cluster.address, "--api",
+                                                  f"127.0.0.1:{port}", "--start"],
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while "ready" not in (lines[-1] if lines else ""):
+            line = daemon.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line.strip())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as reply:
+            status = json.load(reply)
+        assert status["flows"]["capture"]["node"]["node_id"] == node_with("camera")
+        wait_for(lambda: len(read_lines(out)) > 5, timeout=20)
+        pids = [f["pid"] for f in status["flows"].values()]
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert not living(pids)
+        assert not [e for e in shm.leftovers() if f"_{status['pipe']}_" in e]
+    finally:
+        daemon.kill()
+        daemon.wait(10)
