@@ -30,6 +30,7 @@ test: install $(CHROMIUM)
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/cluster.py
 
 soak: install
 	$(PY) bench/soak.py
