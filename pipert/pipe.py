@@ -931,12 +931,16 @@ class Pipe:
 
     def structure(self) -> Dict[str, Any]:
         """The routines, the events they handle and the parameters they declare (the cockpit's
-        ``pipe_creation`` message)."""
+        ``pipe_creation`` message), and each flow's replicas, resources and (on a cluster) nodes."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
                           "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
                           "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
+            "Flows": {flow.name: {"replicas": flow.replicas, "resources": flow.resources,
+                                  "nodes": {i: self._states[i].node for i in self._instance_names.get(flow.name, [])
+                                            if i in self._states and self._states[i].node}}
+                      for flow in self._flow_list},
             "Events": list(BUILTIN_EVENTS),
         }
 
