@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from . import shm
 from .bridge import Hub, connect

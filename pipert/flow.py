@@ -26,7 +26,7 @@ from .events import KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, START_EVENT_NAME, STOP
 from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
 from .routine import Routine, SourceRoutine
 from .timing import Histogram, wall_offset
-from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
+from .transport import EMPTY, Closed, Inbox, WireSender
 
 IDLE, RUNNING, STOPPED, CRASHED, KILLED = "idle", "running", "stopped", "crashed", "killed"
 STATUS_INTERVAL = 0.5  # seconds between two counter reports of a flow

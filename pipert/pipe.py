@@ -438,7 +438,7 @@ class Pipe:
         """Validate the graph, create shared memory and start one process per flow."""
         if self._built:
             raise BuildError("this pipe is already built: build() runs once per pipe")
-        self._flow_of = flow_of = self._validate()
+        self._flow_of = self._validate()
         self.flows = {flow.name: flow for flow in self._flow_list}
         self._instance_names = {f.name: instance_names(f.name, f.replicas) for f in self._flow_list}
         self._instances = {i: f for f in self._flow_list for i in self._instance_names[f.name]}
@@ -604,7 +604,8 @@ class Pipe:
         """Events that flow process ``flow`` will never acknowledge now fail for its routines."""
         for result in list(self._results.values()):
             for routine in self._instances[flow].routines:
-                result._ack(replica_name(routine.name, flow, self._instances[flow].name), f"flow '{flow}' ended ({how})")
+                result._ack(replica_name(routine.name, flow, self._instances[flow].name),
+                            f"flow '{flow}' ended ({how})")
 
     def _check_all_exited(self) -> None:
         if not any(s.alive or s.restarting for s in self._states.values()):

@@ -49,15 +49,23 @@ def numbers(path):
     return [r["n"] for r in read_lines(path) if "n" in r]
 
 
+def staged(make_pipe, source, middle, sink, replicas=2, into=(), out=(), restart_backoff=0.5, **pipe_args):
+    """A built pipe: flow src -> flow detect (``middle`` with ``replicas``) -> flow out; ``into``/``out``
+    are extra Wire arguments of the two wires."""
+    pipe = make_pipe(**pipe_args)
+    pipe.create_flow("src", False, source)
+    pipe.create_flow("detect", False, middle, replicas=replicas, restart_backoff=restart_backoff)
+    pipe.create_flow("out", False, sink)
+    pipe.link(Wire(source=source, destinations=(middle,), **dict(into)),
+              Wire(source=middle, destinations=(sink,), **dict(out)))
+    pipe.build()
+    return pipe
+
+
 def test_round_robin_shares_messages_out_and_status_sums(make_pipe, tmp_path):
     out = tmp_path / "out.jsonl"
-    pipe = make_pipe(wire_policy="block", wire_depth=4)
     source, tag, sink = Counter(limit=40, frame_shape=(300, 400, 3)), Tag(), Recorder(str(out))
-    pipe.create_flow("src", False, source)
-    pipe.create_flow("detect", False, tag, replicas=2)
-    pipe.create_flow("out", False, sink)
-    pipe.link(Wire(source=source, destinations=(tag,)), Wire(source=tag, destinations=(sink,)))
-    pipe.build()
+    pipe = staged(make_pipe, source, tag, sink, wire_policy="block", wire_depth=4)
     assert set(pipe.status()["flows"]) == {"src", "detect/0", "detect/1", "out"}
     pipe.notify_event("start")
     wait_for(lambda: len(numbers(out)) == 40)
@@ -74,13 +82,9 @@ def test_round_robin_shares_messages_out_and_status_sums(make_pipe, tmp_path):
 
 def test_key_sends_equal_keys_to_one_replica(make_pipe, tmp_path):
     out = tmp_path / "out.jsonl"
-    pipe = make_pipe(wire_policy="block", wire_depth=4)
     source, tag, sink = Cameras(), Tag(), Recorder(str(out))
-    pipe.create_flow("src", False, source)
-    pipe.create_flow("detect", False, tag, replicas=3)
-    pipe.create_flow("out", False, sink)
-    pipe.link(Wire(source=source, destinations=(tag,), key="camera_id"), Wire(source=tag, destinations=(sink,)))
-    pipe.build()
+    pipe = staged(make_pipe, source, tag, sink, replicas=3, into={"key": "camera_id"}, wire_policy="block",
+                  wire_depth=4)
     pipe.notify_event("start")
     wait_for(lambda: len(numbers(out)) == 60)
     replicas_of = {}
@@ -92,13 +96,8 @@ def test_key_sends_equal_keys_to_one_replica(make_pipe, tmp_path):
 
 
 def test_key_missing_from_a_message_is_reported(make_pipe, tmp_path):
-    pipe = make_pipe()
     source, tag, sink = Counter(limit=3), Tag(), Recorder(str(tmp_path / "out.jsonl"))
-    pipe.create_flow("src", False, source)
-    pipe.create_flow("detect", False, tag, replicas=2)
-    pipe.create_flow("out", False, sink)
-    pipe.link(Wire(source=source, destinations=(tag,), key="camera_id"), Wire(source=tag, destinations=(sink,)))
-    pipe.build()
+    pipe = staged(make_pipe, source, tag, sink, into={"key": "camera_id"})
     pipe.notify_event("start")
     wait_for(lambda: "camera_id" in (pipe.status()["routines"][source.name]["error"] or ""))
     pipe.join(to_kill=True)
@@ -126,13 +125,8 @@ def test_ordered_merge_restores_entry_order(make_pipe, tmp_path):
 
 
 def test_events_reach_every_replica_and_are_acked_once_each(make_pipe, tmp_path):
-    pipe = make_pipe()
     source, tag, sink = Counter(period=0.01), Tag(name="det"), Recorder(str(tmp_path / "out.jsonl"))
-    pipe.create_flow("src", False, source)
-    pipe.create_flow("detect", False, tag, replicas=2)
-    pipe.create_flow("out", False, sink)
-    pipe.link(Wire(source=source, destinations=(tag,)), Wire(source=tag, destinations=(sink,)))
-    pipe.build()
+    pipe = staged(make_pipe, source, tag, sink)
     assert pipe.notify_event("start").wait(10)["pending"] == []
     result = pipe.send_event("PING", {"detect": ["det"]}).wait(10)
     assert result["handled_by"] == ["det/0", "det/1"] and not result["errors"] and not result["pending"]
@@ -149,13 +143,9 @@ class Slow(MiddleRoutine):
 
 def test_dead_replica_is_restarted_its_lost_messages_skipped_and_counted(make_pipe, tmp_path):
     out = tmp_path / "out.jsonl"
-    pipe = make_pipe(wire_policy="block", wire_depth=4)
     source, slow, sink = Counter(limit=60, period=0.01), Slow(), Recorder(str(out))
-    pipe.create_flow("src", False, source)
-    pipe.create_flow("detect", False, slow, replicas=2, restart_backoff=0.1)
-    pipe.create_flow("out", False, sink)
-    pipe.link(Wire(source=source, destinations=(slow,)), Wire(source=slow, destinations=(sink,), ordered=True))
-    pipe.build()
+    pipe = staged(make_pipe, source, slow, sink, out={"ordered": True}, restart_backoff=0.1, wire_policy="block",
+                  wire_depth=4)
     pipe.notify_event("start")
     wait_for(lambda: len(numbers(out)) >= 10)
     os.kill(pipe.status()["flows"]["detect/1"]["pid"], signal.SIGKILL)
@@ -186,13 +176,8 @@ def test_frames_in_replicas_are_read_only(make_pipe, tmp_path):
             return {"n": data["n"], "writeable": bool(data["frame"].flags.writeable),
                     "ok": bool(np.all(data["frame"] == data["n"] % 251))}
 
-    pipe = make_pipe(wire_policy="block")
     source, check, sink = Counter(limit=10, frame_shape=(200, 200, 3)), Check(), Recorder(str(out))
-    pipe.create_flow("src", False, source)
-    pipe.create_flow("check", False, check, replicas=2)
-    pipe.create_flow("out", False, sink)
-    pipe.link(Wire(source=source, destinations=(check,)), Wire(source=check, destinations=(sink,)))
-    pipe.build()
+    pipe = staged(make_pipe, source, check, sink, wire_policy="block")
     pipe.notify_event("start")
     wait_for(lambda: len(numbers(out)) == 10)
     assert all(r["ok"] and not r["writeable"] for r in read_lines(out))
