@@ -25,19 +25,22 @@ _STORE = 80 << 20
 
 
 def _ray_processes():
-    names = []
+    """Pids of the raylet and gcs_server processes on this machine."""
+    found = set()
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/comm") as f:
-                names.append(f.read().strip())
-        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+                if f.read().strip() in ("raylet", "gcs_server"):
+                    found.add(int(entry))
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, ValueError):
             continue
-    return [n for n in names if n in ("raylet", "gcs_server")]
+    return found
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    assert not _ray_processes(), "a Ray cluster is already running on this machine"
+    """A head and two nodes; shut down at the end, also on failure, with no raylet or gcs_server left."""
+    before = _ray_processes()
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": _STORE,
                                                           "_system_config": _FAST_HEALTH})
     try:
@@ -48,7 +51,7 @@ def cluster():
     finally:
         ray.shutdown()
         nodes.shutdown()
-        wait_for(lambda: not _ray_processes(), timeout=20)
+        wait_for(lambda: not living(_ray_processes() - before), timeout=20)
 
 
 def node_with(resource):
