@@ -8,10 +8,13 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /pipe/structure  /status                         the pipe's structure and counters
     /routines/<routine>/events/<event>/execute       send <event> to one routine
     /routines/events/<event>/execute                 send <event> to every routine handling it
+    /routines/<routine>/params                       set parameters: the body is {name: value, ...}
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
-``/routines/events/kill/execute`` is ``/kill``). Responses are JSON: an event's
+``/routines/events/kill/execute`` is ``/kill``). The params route takes the
+parameters themselves as its JSON body, not ``extra_args``, and answers with the
+acknowledgement and ``params``, the values now in force. Responses are JSON: an event's
 acknowledgement ``{"event", "handled_by", "errors", "pending"}``, or
 ``{"error": "..."}`` with a 4xx status for bad input (400, 413 over 1 MB), a
 missing or wrong token (401), an unknown route or routine (404) or method
@@ -65,9 +68,10 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/status"), "status"),
     (_route("/routines/events/<event>/execute"), "execute_all"),
     (_route("/routines/<routine>/events/<event>/execute"), "execute_routine"),
+    (_route("/routines/<routine>/params"), "set_params"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
-              "/routines/events/<event>/execute"
+              "/routines/events/<event>/execute, /routines/<routine>/params"
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -77,8 +81,8 @@ def _request_token(environ: Dict[str, Any]) -> Optional[str]:
     return environ.get("HTTP_X_PIPERT_TOKEN") or None
 
 
-def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
-    """The ``extra_args`` of the request's JSON body; {} without a body."""
+def _json_body(environ: Dict[str, Any], expected: str) -> Any:
+    """The request's JSON body; None without a body. ``expected`` says what to send instead of bad JSON."""
     length = environ.get("CONTENT_LENGTH") or ""
     if length.isdigit() and int(length) > _MAX_BODY:
         raise ControlError(f"the request body has {length} bytes; the limit is {_MAX_BODY}", 413)
@@ -86,12 +90,18 @@ def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
     if len(body) > _MAX_BODY:
         raise ControlError(f"the request body is over {_MAX_BODY} bytes", 413)
     if not body.strip():
-        return {}
+        return None
     try:
-        document = json.loads(body)
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ControlError(f"the request body is not valid JSON ({exc}): send {{\"extra_args\": {{...}}}} "
-                           "or no body") from None
+        raise ControlError(f"the request body is not valid JSON ({exc}): send {expected}") from None
+
+
+def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``extra_args`` of the request's JSON body; {} without a body."""
+    document = _json_body(environ, "{\"extra_args\": {...}} or no body")
+    if document is None:
+        return {}
     if not isinstance(document, dict) or set(document) - {"extra_args"}:
         raise ControlError(f"the request body must be a JSON object {{\"extra_args\": {{...}}}}, not "
                            f"{json.dumps(document)[:200]}")
@@ -199,7 +209,8 @@ class APIWrapper:
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
-            return self._respond(start_response, 200, handler(_extra_args(environ), **match))
+            body = _json_body(environ, "a JSON object") if handler == self._set_params else _extra_args(environ)
+            return self._respond(start_response, 200, handler(body, **match))
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -261,3 +272,6 @@ class APIWrapper:
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)
+
+    def _set_params(self, values: Any, routine: str) -> Dict[str, Any]:
+        return self.control.set_params(routine, {} if values is None else values)

@@ -1,8 +1,9 @@
 """The ``pipert`` command.
 
-``pipert run TARGET`` runs a pipe as a daemon: it imports TARGET
-(``path/to/file.py:factory`` or ``package.module:factory``, a callable that
-returns a built or unbuilt ``Pipe``), builds the pipe, starts the control
+``pipert run TARGET`` runs a pipe as a daemon: it reads TARGET (a pipeline
+file, ``.yaml``/``.yml``/``.json``) or imports it (``path/to/file.py:factory`` or
+``package.module:factory``, a callable that returns a built or unbuilt ``Pipe``),
+sets the ``--param`` values, builds the pipe, starts the control
 servers asked for, optionally sends ``start``, and runs until the pipe is killed
 (over RPC or HTTP, or by a routine) or the daemon gets SIGINT/SIGTERM. Then it
 kills what still runs, joins every flow, frees the shared memory, prints what
@@ -10,6 +11,10 @@ every routine and wire did, and exits 0 (1 if a flow died on its own).
 Settings come from the flags, else the environment, else the nearest ``.env``:
 ``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``. Once the
 servers listen it prints their addresses, then ``pipert: ready``.
+
+``pipert plugins`` lists the registered routines, ``pipert check FILE...``
+checks pipeline files without running them and ``pipert graph TARGET`` prints a
+pipeline as a Mermaid flowchart.
 
 ``pipert zerorpc ARGS...`` is the zerorpc CLI (zerorpc 0.6.3's own, which
 crashes on Python 3.10+ at ``collections.Iterator``), with ``--token`` (or
@@ -23,6 +28,7 @@ import collections.abc
 import importlib
 import importlib.util
 import ipaddress
+import json
 import logging
 import os
 import queue
@@ -30,14 +36,20 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import dotenv
 
+from . import registry
 from .api import APIWrapper
 from .errors import BuildError
+from .events import events_of
+from .graph import mermaid
+from .params import declared_params
 from .pipe import Pipe
+from .pipeline_file import check_pipeline, is_pipeline_file, load_pipeline
+from .routine import kind_of
 from .rpc import RPCPipeWrapper, SendToken
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
@@ -95,7 +107,12 @@ def _is_loopback(host: str) -> bool:
 # ----- the target -----
 
 def load_target(spec: str) -> Pipe:
-    """Import ``path/to/file.py:factory`` or ``package.module:factory`` and return the pipe it makes."""
+    """The pipe of a pipeline file (``.yaml``, ``.yml``, ``.json``), or of a factory: import
+    ``path/to/file.py:factory`` or ``package.module:factory`` and return the pipe it makes."""
+    if is_pipeline_file(spec):
+        if not os.path.isfile(spec):
+            raise UsageError(f"there is no pipeline file {os.path.abspath(spec)}")
+        return load_pipeline(spec)
     location, _, attribute = spec.rpartition(":")
     if not location or not attribute:
         raise UsageError(f"TARGET {spec!r} names no factory: write path/to/file.py:factory or "
@@ -176,11 +193,12 @@ class _Signals:
 
 
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
-        start: bool, ack_timeout: float) -> int:
+        start: bool, ack_timeout: float, params: Sequence[str] = ()) -> int:
     """Run the daemon (see the module docstring); the process's exit code."""
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
         pipe = load_target(target)
+        set_params(pipe, params)
         if not pipe.status()["flows"]:  # flows get a status at build
             pipe.build()
     except KeyboardInterrupt:
@@ -237,6 +255,79 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     return 1 if died else 0
 
 
+# ----- routine parameters, plugins, pipeline files (issue 13) -----
+
+def set_params(pipe: Pipe, assignments: Sequence[str]) -> None:
+    """Apply ``--param`` assignments to an unbuilt pipe: ``NAME=VALUE`` cascades like the pipe's
+    params, ``ROUTINE.NAME=VALUE`` sets one routine's; the text is converted to the declared type."""
+    for assignment in assignments:
+        target, equals, value = assignment.partition("=")
+        routine, dot, name = target.rpartition(".")
+        if not equals or not name.isidentifier() or (dot and not routine):
+            raise UsageError(f"--param {assignment!r} is not NAME=VALUE or ROUTINE.NAME=VALUE: write e.g. "
+                             "--param fps=30 or --param det.min_area=800")
+        if pipe.built:
+            raise UsageError(f"--param {assignment!r}: the target built its pipe itself; return it unbuilt so "
+                             "that parameters can be set before the flows start")
+        if routine:
+            pipe.set_params(routine, **{name: value})
+        else:
+            pipe.params[name] = value
+
+
+def _describe_param(name: str, described: Dict[str, Any]) -> str:
+    parts = [described["type"]]
+    parts += [f"one of {described['choices']}"] if "choices" in described else []
+    parts += [f"{bound} {described[key]}" for key, bound in (("min", ">="), ("max", "<=")) if key in described]
+    parts.append("required" if described["required"] else f"default {described['default']!r}")
+    return f"{name} ({', '.join(parts)})" + (f": {described['help']}" if described["help"] else "")
+
+
+def plugins_main(as_json: bool) -> int:
+    """``pipert plugins``: every registered routine with its kind, package, parameters and events."""
+    listing = [{"name": r.name, "kind": kind_of(r.cls), "package": r.package,
+                "class": f"{r.cls.__module__}:{r.cls.__qualname__}", "events": events_of(r.cls),
+                "params": {n: p.describe() for n, p in declared_params(r.cls).items()}}
+               for r in registry.routines().values()]
+    failures = registry.failures()
+    if as_json:
+        print(json.dumps({"routines": listing, "failed": failures}, indent=2, default=repr))
+    else:
+        for entry in listing:
+            print(f"{entry['name']}  ({entry['kind']}; package {entry['package']}; {entry['class']})")
+            for name, described in entry["params"].items():
+                print(f"    {_describe_param(name, described)}")
+            print(f"    events: {', '.join(entry['events']) or 'none'}")
+        if not listing:
+            print("no routines are registered: install a plugin package or use @pipert.register")
+    for plugin, error in failures.items():
+        print(f"pipert: plugin {plugin} failed to load: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def check_main(paths: Sequence[str]) -> int:
+    """``pipert check FILE...``: every problem of each pipeline file, as FILE:LINE: message; 1 if any."""
+    failed = False
+    for path in paths:
+        pipe, problems = check_pipeline(path)
+        for problem in problems:
+            print(problem)
+        if pipe is not None:
+            routines = sum(len(flow.routines) for flow in pipe.flows.values())
+            print(f"{path}: ok: {len(pipe.flows)} flows, {routines} routines, {len(pipe.wires)} wires")
+        failed = failed or pipe is None
+    return 1 if failed else 0
+
+
+def graph_main(target: str) -> int:
+    """``pipert graph TARGET``: the pipeline as a Mermaid flowchart."""
+    pipe = load_target(target)
+    if not pipe.built:
+        pipe.validate()
+    print(mermaid(pipe), end="")
+    return 0
+
+
 def _join_all(servers: List[Any]) -> None:
     """Wait for the servers to answer what is under way and stop (whoever ran Pipe.join's clean-up
     may be one of them: the process must not exit before it is done)."""
@@ -290,7 +381,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runner = commands.add_parser("run", help="run a pipe as a daemon with its control servers",
                                  description=__doc__.split("\n\n")[1])
-    runner.add_argument("target", metavar="TARGET", help="path/to/file.py:factory or package.module:factory")
+    runner.add_argument("target", metavar="TARGET", help="a pipeline file (.yaml, .yml, .json), "
+                                                         "path/to/file.py:factory or package.module:factory")
     runner.add_argument("--rpc", nargs="?", const=DEFAULT_RPC, metavar="ENDPOINT",
                         help=f"serve zerorpc on ENDPOINT (tcp://HOST:PORT, HOST:PORT or PORT; host 127.0.0.1); "
                              f"alone: {DEFAULT_RPC}; default ${RPC_VARIABLE}")
@@ -303,6 +395,17 @@ def _parser() -> argparse.ArgumentParser:
                              "(prefer it: flags show in ps)")
     runner.add_argument("--ack-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a control call waits for an event's handlers (default 10)")
+    runner.add_argument("--param", action="append", default=[], metavar="[ROUTINE.]NAME=VALUE",
+                        help="set a parameter before the pipe starts: NAME=VALUE for every routine declaring it "
+                             "(unless the routine sets its own), ROUTINE.NAME=VALUE for one; repeatable")
+    plugins = commands.add_parser("plugins", help="list the registered routines: kind, package, parameters, events")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    checker = commands.add_parser("check", help="check pipeline files without running them: every problem, "
+                                                "with FILE:LINE")
+    checker.add_argument("files", nargs="+", metavar="FILE", help="a pipeline file (.yaml, .yml or .json)")
+    grapher = commands.add_parser("graph", help="print a pipeline as a Mermaid flowchart")
+    grapher.add_argument("target", metavar="TARGET", help="a pipeline file, path/to/file.py:factory or "
+                                                          "package.module:factory")
     commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
                         add_help=False)
     return parser
@@ -316,6 +419,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["zerorpc"]:
             return zerorpc_main(argv[1:])
         args = _parser().parse_args(argv)
+        if args.command in ("plugins", "check", "graph"):
+            return _offline_command(args)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("pipert").addHandler(handler)
@@ -330,7 +435,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         if public and not token:
             _log.warning("control servers listen on %s without a token: anyone who reaches them controls the "
                          "pipe; set %s", public, TOKEN_VARIABLE)
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout)
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _offline_command(args: argparse.Namespace) -> int:
+    """The subcommands that read and print and run nothing: plugins, check, graph."""
+    logging.basicConfig(format="pipert: %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        if args.command == "plugins":
+            return plugins_main(args.json)
+        if args.command == "check":
+            return check_main(args.files)
+        return graph_main(args.target)
+    except (UsageError, BuildError) as exc:
+        return _fail(str(exc))

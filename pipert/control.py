@@ -209,6 +209,21 @@ class Control:
         """Pause every routine (the ``stop`` event); ``start`` resumes them."""
         return self.send(STOP_EVENT_NAME)
 
+    # ----- parameters -----
+
+    def set_params(self, routine: Any, arguments: Any = None) -> Dict[str, Any]:
+        """Change parameters of ``routine``: ``arguments`` is a JSON object ``{name: value}`` (text is
+        converted to the declared types). Waits until the routine applied them, between two
+        ``main_logic`` calls; returns the acknowledgement with ``params``, the values now in force."""
+        if not isinstance(routine, str) or not routine:
+            raise ControlError(f"routine name {routine!r} must be a non-empty string")
+        self.flow_of(routine)
+        values = parse_arguments(arguments, f"set_params of routine '{routine}'")
+        try:
+            return self._off_hub(self.pipe.apply_params, routine, values, self.ack_timeout)
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
+
     # ----- ending -----
 
     def alive_flows(self) -> List[str]:

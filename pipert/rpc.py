@@ -2,7 +2,7 @@
 
 ``RPCPipeWrapper(pipe).run_rpc_server("tcp://127.0.0.1:4242")`` serves the
 methods ``execute(name, arguments)``, ``start``, ``pause``, ``kill``,
-``join(arguments)``, ``structure`` and ``status`` (see ``pipert.control`` for the
+``join(arguments)``, ``set_params(routine, arguments)``, ``structure`` and ``status`` (see ``pipert.control`` for the
 form of ``execute``'s arguments and for what each returns). Bad input comes
 back to the caller as a ``zerorpc.RemoteError`` named ``ControlError``; the
 server and the pipe go on. zerorpc speaks msgpack: nothing received is ever
@@ -82,7 +82,7 @@ class RPCPipeWrapper(zerorpc.Server):
     ``ack_timeout`` bounds how long a call waits for an event's acknowledgements.
     """
 
-    COMMANDS = ("execute", "start", "pause", "kill", "join", "structure", "status")
+    COMMANDS = ("execute", "start", "pause", "kill", "join", "set_params", "structure", "status")
 
     def __init__(self, pipe: Pipe, token: Optional[str] = None, ack_timeout: float = 10.0,
                  heartbeat: int = 5) -> None:
@@ -149,6 +149,13 @@ class RPCPipeWrapper(zerorpc.Server):
     def join(self, encoded_arguments: Any = None) -> Dict[str, Any]:
         """Wait until every flow has exited; '{"to_kill": true}' kills first. Returns the flows."""
         return self._call(self.control.join, encoded_arguments)
+
+    @_introspectable
+    def set_params(self, routine: str, encoded_params: Any = None) -> Dict[str, Any]:
+        """Change parameters of ROUTINE with a JSON object of name: value, applied between two main_logic
+        calls; returns the acknowledgement with "params", the values now in force.
+        E.g. set_params det '{"min_area": 800}'"""
+        return self._call(self.control.set_params, routine, encoded_params)
 
     @_introspectable
     def structure(self) -> Dict[str, Any]:
