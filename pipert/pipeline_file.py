@@ -67,8 +67,10 @@ def _positions(node: yaml.Node, where: _Where, lines: Dict[_Where, int], twice: 
         seen = set()
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark)
-            if name in seen:
+            if name in seen:  # the last one counts, as when loading: forget the lines of the first
                 twice.append((where + (name,), key.start_mark.line + 1))
+                for known in [k for k in lines if k[:len(where) + 1] == where + (name,)]:
+                    del lines[known]
             seen.add(name)
             lines[where + (name,)] = key.start_mark.line + 1
             _positions(value, where + (name,), lines, twice)
