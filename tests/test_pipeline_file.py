@@ -393,3 +393,13 @@ def test_bad_params_stop_pipert_run_before_any_process_starts(plugin_venv, tmp_p
     pipeline.write_text(PIPELINE.replace("OUT", str(tmp_path / "out.jsonl")))
     result = pipert_in(python, "run", str(pipeline), "--param", "scale.speed=3", cwd=tmp_path)
     assert result.returncode == 1 and "routine 'scale' (Scaler): unknown parameter 'speed'" in result.stderr
+
+
+def test_the_example_pipeline_file_checks(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    pipe, problems = check_pipeline(os.path.join(examples, "sensors.yaml"))
+    assert problems == []
+    assert {r.name: r.params for f in pipe.flows.values() for r in f.routines} == {
+        "hall": {"fps": 2.0, "mean": 21.0}, "lab": {"fps": 5.0, "mean": 23.5},
+        "alarm": {"limit": 22.0, "report_all": False}, "log": {"prefix": "ALARM"}}
