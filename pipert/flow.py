@@ -25,6 +25,7 @@ from .errors import TransportError
 from .events import (KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME,
                      handlers_of)
 from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
+from .params import plain
 from .routine import Routine, SourceRoutine
 from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
 
@@ -270,7 +271,7 @@ class _Runner:
         median = statistics.median(durations) if durations else 0.0
         return {"state": self.state, "error": self.error, "messages_in": self.messages_in,
                 "messages_out": self.messages_out, "calls": self.calls, "log_data": self.log_data,
-                "params": self.routine.params,
+                "params": plain(self.routine.params),
                 "capacity": round(1.0 / median, 2) if median > 0 else None,
                 "paced_fps": round(1.0 / self.auto_interval, 2) if self.auto_interval else None}
 

@@ -31,6 +31,7 @@ class _Required:
 REQUIRED: Any = _Required()
 """The default of a parameter that has none: it must be set."""
 
+_RESERVED = ("name", "flow_name", "logger", "params")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -72,6 +73,10 @@ class Param:
     # ----- declaration -----
 
     def __set_name__(self, owner: type, name: str) -> None:
+        if name in _RESERVED or any(name in vars(base) and not isinstance(vars(base)[name], Param)
+                                    for base in owner.__mro__[1:] if base.__module__.startswith("pipert.")):
+            raise TypeError(f"{owner.__name__}.{name}: '{name}' is a routine attribute of pipert's own: give the "
+                            "parameter another name")
         self.name = name
         self.owner = owner.__name__
 
@@ -191,14 +196,26 @@ class Param:
         """This parameter as plain JSON: type, default (absent if required), bounds, choices, help."""
         described: Dict[str, Any] = {"type": self.type.__name__, "required": self.required, "help": self.help}
         if not self.required:
-            described["default"] = self.default
+            described["default"] = plain(self.default)
         for key in ("min", "max", "choices"):
             if getattr(self, key) is not None:
-                described[key] = list(self.choices) if key == "choices" else getattr(self, key)
+                described[key] = plain(list(self.choices) if key == "choices" else getattr(self, key))
         return described
 
     def __repr__(self) -> str:
         return f"Param({self.expected()}, default={self.default!r})"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON can carry it (for status, structure and the control surfaces): values of
+    other types (a ``Path`` parameter, say) become their text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    return str(value)
 
 
 def declared_params(cls: type) -> Dict[str, Param]:

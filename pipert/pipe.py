@@ -25,7 +25,7 @@ from .errors import BuildError, EventError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
                      START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
-from .params import ParamError, convert_params, declared_params, raise_problems, resolve_params
+from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
 from .wire import BLOCK, LATEST, POLICIES, Wire
@@ -688,7 +688,7 @@ class Pipe:
         """
         result = self.apply_params(routine, values, PARAMS_TIMEOUT)
         if result["errors"]:
-            raise ParamError(f"routine '{routine}' refused parameters {values}: {result['errors'][routine]}")
+            raise ParamError(f"routine '{routine}' did not take parameters {values}: {result['errors'][routine]}")
         if result["pending"]:
             raise EventError(f"routine '{routine}' did not apply parameters {values} within {PARAMS_TIMEOUT:.0f} s "
                              "(is its main_logic stuck?); they apply once it finishes the current call")
@@ -837,7 +837,7 @@ class Pipe:
                     "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
                     "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
                     "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
-                    "error": reported.get("error"), "params": reported.get("params", routine.params)}
+                    "error": reported.get("error"), "params": reported.get("params", plain(routine.params))}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}

@@ -90,6 +90,14 @@ def test_constructor_keywords_set_values_read_as_attributes():
         detector.min_area = -1
 
 
+def test_a_parameter_cannot_take_a_name_pipert_uses():
+    for reserved in ("name", "logger", "setup", "main_logic", "shared_array"):
+        with pytest.raises((TypeError, RuntimeError)) as caught:
+            type("Bad", (MiddleRoutine,), {reserved: Param(int, default=1)})
+        assert f"'{reserved}' is a routine attribute of pipert's own" in str(caught.value) + \
+            str(caught.value.__cause__)
+
+
 def test_routines_with_their_own_init_keep_working():
     recorder = Recorder("/tmp/x.jsonl", name="rec")
     assert recorder.name == "rec" and recorder.params == {}
@@ -195,7 +203,7 @@ def test_set_params_applies_between_calls_and_returns_the_values_in_force(make_p
     assert {(line["first"], line["label"]) for line in lines} == {(1, "a"), (7, "b")}
     assert lines[-1]["changes"] == 1
 
-    with pytest.raises(ParamError, match="routine 'sink' refused parameters .*threshold over 100"):
+    with pytest.raises(ParamError, match="routine 'sink' did not take parameters .*threshold over 100"):
         pipe.set_params("sink", threshold=500)
     assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5}
     with pytest.raises(ParamError, match="parameter 'step' expects int >= 1, got 0"):
@@ -222,3 +230,19 @@ def test_set_params_before_build_sets_the_routine(make_pipe):
     pipe.build()
     assert source.fps == 12.0
     pipe.join(to_kill=True)
+
+
+def test_values_of_other_types_reach_status_and_structure_as_text(make_pipe):
+    import pathlib
+
+    class Writer(DestinationRoutine):
+        folder = Param(pathlib.Path, default="/tmp/out")
+
+        def main_logic(self, data):
+            pass
+
+    assert Writer(folder="/data").folder == pathlib.Path("/data")
+    assert Writer.folder.describe()["default"] == "/tmp/out"
+    pipe = make_pipe()
+    pipe.create_flow("f", True, Source(name="cam", path="x"), Writer(name="w"))
+    assert pipe.status()["routines"]["w"]["params"] == {"folder": "/tmp/out"}
