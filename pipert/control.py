@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import gevent
 
 from .errors import PipeError
-from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
+from .events import KILL_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
 TARGET_KEYS = ("flows", "routines")
@@ -181,9 +181,18 @@ class Control:
 
     def send(self, name: Any, targets: Optional[Dict[str, List[str]]] = None,
              params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """Send event ``name`` to ``targets`` ({flow: [routine]}, None = all) and wait for its acknowledgement."""
+        """Send event ``name`` to ``targets`` ({flow: [routine]}, None = all) and wait for its acknowledgement.
+
+        The event ``set_params`` to one routine is ``set_params`` (so the cockpit's event routes set parameters).
+        """
         if not isinstance(name, str) or not name:
             raise ControlError(f"event name {name!r} must be a non-empty string, e.g. 'start' or 'PING'")
+        if name == PARAMS_EVENT_NAME:
+            routines = [routine for chosen in (targets or {}).values() for routine in chosen]
+            if len(routines) != 1:
+                raise ControlError(f"'{PARAMS_EVENT_NAME}' goes to exactly one routine, named in \"routines\": e.g. "
+                                   f"execute {PARAMS_EVENT_NAME} '{{\"routines\": [\"det\"], \"min_area\": 800}}'")
+            return self.set_params(routines[0], params)
         return self._off_hub(self._send_and_wait, name, targets, dict(params or {}))
 
     def execute(self, name: Any, arguments: Any = None) -> Dict[str, Any]:

@@ -336,16 +336,22 @@ def test_a_pipeline_file_of_plugin_routines_runs_and_takes_params_over_rpc_and_h
         assert {line["n"] % 3 for line in read_lines(out)} == {0} and read_lines(out)[0]["factor"] == 2.0
 
         client.connect(rpc)
-        acked = client.set_params("scale", '{"factor": "5"}')
+        acked = client.set_params("scale", '{"factor": "4"}')
         assert acked == {"event": "set_params", "handled_by": ["scale"], "errors": {}, "pending": [],
-                         "params": {"factor": 5.0}}
-        wait_for(lambda: read_lines(out)[-1]["factor"] == 5.0)
+                         "params": {"factor": 4.0}}
+        wait_for(lambda: read_lines(out)[-1]["factor"] == 4.0)
         with pytest.raises(zerorpc.RemoteError) as refused:
             client.set_params("scale", '{"factor": "lots"}')
         assert refused.value.name == "ControlError"
         assert "routine 'scale' (Scaler): parameter 'factor' expects float, got 'lots' (str)" in refused.value.msg
+        assert client.execute("set_params", {"routines": ["scale"], "factor": 6})["params"] == {"factor": 6.0}
+        with pytest.raises(zerorpc.RemoteError, match="goes to exactly one routine"):
+            client.execute("set_params", {"factor": 6})
 
         base = f"http://{http}"
+        answer = requests.post(f"{base}/routines/scale/events/set_params/execute",  # as the cockpit sends events
+                               json={"extra_args": {"factor": "5"}}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["params"] == {"factor": 5.0}
         answer = requests.post(f"{base}/routines/count/params", json={"step": 10}, timeout=10)
         assert answer.status_code == 200 and answer.json()["params"] == {"step": 10, "fps": 100.0}
         wait_for(lambda: read_lines(out)[-1]["n"] - read_lines(out)[-2]["n"] == 10)
