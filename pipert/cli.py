@@ -198,7 +198,7 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
         pipe = load_target(target)
-        set_params(pipe, params)
+        apply_param_flags(pipe, params)
         if not pipe.status()["flows"]:  # flows get a status at build
             pipe.build()
     except KeyboardInterrupt:
@@ -257,7 +257,7 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
 
 # ----- routine parameters, plugins, pipeline files (issue 13) -----
 
-def set_params(pipe: Pipe, assignments: Sequence[str]) -> None:
+def apply_param_flags(pipe: Pipe, assignments: Sequence[str]) -> None:
     """Apply ``--param`` assignments to an unbuilt pipe: ``NAME=VALUE`` cascades like the pipe's
     params, ``ROUTINE.NAME=VALUE`` sets one routine's; the text is converted to the declared type."""
     for assignment in assignments:

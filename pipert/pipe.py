@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
 from .errors import BuildError, EventError
@@ -158,7 +158,7 @@ class Pipe:
         self._frames_per_second = frames_per_second
         self._jpeg_quality = jpeg_quality
         self._plans: Dict[str, RoutinePlan] = {}
-        self._params_set: set = set()  # routines whose parameters set_params changed since build
+        self._params_set: Set[str] = set()  # routines whose parameters set_params changed since build
         self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}

@@ -110,21 +110,23 @@ class _Checker:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             if node is not None:
                 _positions(node, (), self.lines, twice)
-        except yaml.MarkedYAMLError as exc:
+            document = None if json_file else yaml.safe_load(text)
+        except yaml.YAMLError as exc:
             if not json_file:  # JSON is judged by the json module below; YAML lines are only a guide for it
-                mark = exc.problem_mark or exc.context_mark
-                self.problems.append((mark.line + 1 if mark else 1, f"not valid YAML: {exc.problem}: fix the syntax "
-                                      "there (indentation, a missing ':' or closing bracket)"))
+                mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+                problem = getattr(exc, "problem", None) or exc
+                self.problems.append((mark.line + 1 if mark else 1, f"not valid YAML: {problem}: fix it there "
+                                      "(indentation, a missing ':' or closing bracket, a tag safe YAML refuses)"))
                 return None
         for where, line in twice:
             self.problems.append((line, f"key '{where[-1]}' is given twice here: keep one"))
         if json_file:
             try:
-                return json.loads(text)
+                document = json.loads(text)
             except json.JSONDecodeError as exc:
                 self.problems.append((exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})"))
                 return None
-        return yaml.safe_load(text)
+        return document
 
     # ----- checking pieces -----
 

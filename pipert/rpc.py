@@ -2,8 +2,9 @@
 
 ``RPCPipeWrapper(pipe).run_rpc_server("tcp://127.0.0.1:4242")`` serves the
 methods ``execute(name, arguments)``, ``start``, ``pause``, ``kill``,
-``join(arguments)``, ``set_params(routine, arguments)``, ``structure`` and ``status`` (see ``pipert.control`` for the
-form of ``execute``'s arguments and for what each returns). Bad input comes
+``join(arguments)``, ``set_params(routine, arguments)``, ``structure`` and
+``status`` (see ``pipert.control`` for the form of ``execute``'s arguments and
+for what each returns). Bad input comes
 back to the caller as a ``zerorpc.RemoteError`` named ``ControlError``; the
 server and the pipe go on. zerorpc speaks msgpack: nothing received is ever
 unpickled.
