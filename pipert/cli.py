@@ -43,7 +43,7 @@ import dotenv
 
 from . import registry
 from .api import APIWrapper
-from .errors import BuildError
+from .errors import BuildError, EventError
 from .events import events_of
 from .graph import mermaid
 from .params import declared_params
@@ -270,7 +270,10 @@ def apply_param_flags(pipe: Pipe, assignments: Sequence[str]) -> None:
             raise UsageError(f"--param {assignment!r}: the target built its pipe itself; return it unbuilt so "
                              "that parameters can be set before the flows start")
         if routine:
-            pipe.set_params(routine, **{name: value})
+            try:
+                pipe.set_params(routine, **{name: value})
+            except EventError as exc:
+                raise UsageError(f"--param {assignment!r}: {exc}") from None
         else:
             pipe.params[name] = value
 

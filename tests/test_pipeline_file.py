@@ -222,9 +222,6 @@ version = "0.1"
 testplug = "testplug.routines"
 testplug-sink = "testplug.routines:FileSink"
 testplug-broken = "testplug.broken"
-
-[tool.setuptools]
-packages = ["testplug"]
 """
 
 PIPELINE = """\
@@ -399,6 +396,10 @@ def test_bad_params_stop_pipert_run_before_any_process_starts(plugin_venv, tmp_p
     pipeline.write_text(PIPELINE.replace("OUT", str(tmp_path / "out.jsonl")))
     result = pipert_in(python, "run", str(pipeline), "--param", "scale.speed=3", cwd=tmp_path)
     assert result.returncode == 1 and "routine 'scale' (Scaler): unknown parameter 'speed'" in result.stderr
+    result = pipert_in(python, "run", str(pipeline), "--param", "scaler.factor=3", cwd=tmp_path)
+    assert result.returncode == 1 and "--param 'scaler.factor=3': there is no routine 'scaler'" in result.stderr
+    result = pipert_in(python, "run", str(pipeline), "--param", "factor", cwd=tmp_path)
+    assert result.returncode == 1 and "--param 'factor' is not NAME=VALUE or ROUTINE.NAME=VALUE" in result.stderr
 
 
 def test_the_example_pipeline_file_checks(monkeypatch):
