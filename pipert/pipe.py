@@ -705,11 +705,14 @@ class Pipe:
                              f"parameters are {sorted(declared) or 'none'}")
         changed, problems = convert_params(routine, type(target), values)
         raise_problems(problems)
-        if not self._built or self._closed:
+        if not self._built:
             target._given.update(changed)
             target._params.update(changed)
             return {"event": PARAMS_EVENT_NAME, "handled_by": [routine], "errors": {}, "pending": [],
-                    "params": target.params}
+                    "params": plain(target.params)}
+        if self._killing or self._closed:
+            raise EventError(f"the pipe is being killed or has ended: the parameters of routine '{routine}' can "
+                             "no longer change")
         ack = self._dispatch(PARAMS_EVENT_NAME, {self._flow_of[routine]: [routine]}, changed).wait(timeout)
         if not ack["errors"] and not ack["pending"]:
             target._params.update(changed)

@@ -169,6 +169,7 @@ class Steady(SourceRoutine):
 class Picky(DestinationRoutine):
     """Refuses a threshold over 100 in params_changed; counts the changes it accepted."""
     threshold = Param(float, default=1.0)
+    path = Param(str)
 
     def setup(self):
         self.changes = 0
@@ -185,9 +186,8 @@ class Picky(DestinationRoutine):
 
 def test_set_params_applies_between_calls_and_returns_the_values_in_force(make_pipe, tmp_path):
     out = tmp_path / "out.jsonl"
-    Picky.path = str(out)
     pipe = make_pipe(wire_policy="block", wire_depth=8)
-    source, sink = Steady(name="src"), Picky(name="sink")
+    source, sink = Steady(name="src"), Picky(name="sink", path=str(out))
     pipe.create_flow("a", False, source)
     pipe.create_flow("b", False, sink, restart_backoff=0.1)
     pipe.link(Wire(source=source, destinations=(sink,)))
@@ -195,7 +195,7 @@ def test_set_params_applies_between_calls_and_returns_the_values_in_force(make_p
     pipe.notify_event("start").wait(5)
     wait_for(lambda: len(read_lines(out)) > 5)
     assert pipe.set_params("src", step="7", label="b") == {"step": 7, "label": "b"}
-    assert pipe.set_params("sink", threshold="2.5") == {"threshold": 2.5}
+    assert pipe.set_params("sink", threshold="2.5") == {"threshold": 2.5, "path": str(out)}
     assert pipe.status()["routines"]["src"]["params"] == {"step": 7, "label": "b"}
     wait_for(lambda: read_lines(out)[-1]["threshold"] == 2.5 and read_lines(out)[-1]["first"] == 7)
     lines = read_lines(out)
@@ -205,7 +205,7 @@ def test_set_params_applies_between_calls_and_returns_the_values_in_force(make_p
 
     with pytest.raises(ParamError, match="routine 'sink' did not take parameters .*threshold over 100"):
         pipe.set_params("sink", threshold=500)
-    assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5}
+    assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5, "path": str(out)}
     with pytest.raises(ParamError, match="parameter 'step' expects int >= 1, got 0"):
         pipe.set_params("src", step=0)
     with pytest.raises(ParamError, match="unknown parameter 'speed'"):
@@ -218,8 +218,10 @@ def test_set_params_applies_between_calls_and_returns_the_values_in_force(make_p
     count = len(read_lines(out))
     wait_for(lambda: len(read_lines(out)) > count + 3)
     assert read_lines(out)[-1]["threshold"] == 2.5
-    assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5}
+    assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5, "path": str(out)}
     pipe.join(to_kill=True)
+    with pytest.raises(EventError, match="the pipe is being killed or has ended"):
+        pipe.set_params("src", step=2)
 
 
 def test_set_params_before_build_sets_the_routine(make_pipe):
