@@ -307,12 +307,17 @@ class _HeadTooLarge(ValueError):
     pass
 
 
+class _HeadCut(ValueError):
+    pass
+
+
 class _SlowRequest(socket.timeout):
     pass
 
 
 class _Budget:
-    """A request head's reader that refuses to read more than ``left`` bytes in all."""
+    """A request head's reader that refuses to read more than ``left`` bytes in all, or a head that
+    the connection's end cuts short (http.client would take it as complete)."""
 
     def __init__(self, stream: Any, left: int) -> None:
         self.stream = stream
@@ -320,6 +325,8 @@ class _Budget:
 
     def readline(self, size: int = -1) -> bytes:
         line = self.stream.readline(self.left + 1 if size < 0 else min(size, self.left + 1))
+        if not line:
+            raise _HeadCut("the connection ended before the request's headers did")
         self.left -= len(line)
         if self.left < 0:
             raise _HeadTooLarge("the request's headers are too large")
@@ -383,6 +390,8 @@ class LimitedHandler(WSGIHandler):
         limits = self.server.limits
         if isinstance(ex, _HeadTooLarge):
             return "431", _raw_response(431, f"{ex}: the limit is {limits.max_head} bytes of headers")
+        if isinstance(ex, _HeadCut):
+            return "400", _raw_response(400, str(ex))
         if isinstance(ex, socket.timeout):
             return "408", _raw_response(408, str(ex) if isinstance(ex, _SlowRequest) else
                                         f"the client sent nothing for {limits.timeout:g} s")
