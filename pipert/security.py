@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import gevent
 import gevent.pool
-from gevent.pywsgi import MAX_REQUEST_LINE, Input, WSGIHandler, WSGIServer
+from gevent.pywsgi import Input, WSGIHandler, WSGIServer
 
 from .errors import PipeError
 from .socket_logger import _url_from_environment as cockpit_url
@@ -59,13 +59,13 @@ _log = logging.getLogger(__name__)
 class Limits:
     """What one HTTP client may cost the daemon. ``timeout`` bounds the time to send a request's
     head (request line and headers, counted from the connection or the previous response), the
-    time to send its body, and every single read or write on the socket."""
+    time to send its body, and every single read or write on the socket. The request line's limit
+    is gevent's own (``gevent.pywsgi.MAX_REQUEST_LINE``, 8 KiB; 414 beyond it)."""
 
     max_body: int = 1 << 20
     max_head: int = 64 << 10
     max_connections: int = 512
     timeout: float = 10.0
-    max_request_line: int = MAX_REQUEST_LINE  # gevent's own limit (414 beyond it); fixed
 
 
 class InsecureBindingError(PipeError):
@@ -78,7 +78,8 @@ def is_loopback(host: str) -> bool:
     """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
     try:
         address = ipaddress.ip_address(host.strip("[]"))
-        return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+        return address.is_loopback or bool(mapped and mapped.is_loopback)
     except ValueError:
         return host.lower().rstrip(".") == "localhost"
 
@@ -135,11 +136,9 @@ def split_list(value: Optional[str]) -> List[str]:
 def default_origins() -> List[str]:
     """The cockpit's origins: that of ``SOCKET_LOGGER_URL`` (environment or ``.env``) when set, and
     ``http://localhost:3000``."""
-    origins = [COCKPIT_ORIGIN]
     url = cockpit_url()
-    if url and _origin_of(url):
-        origins.insert(0, _origin_of(url))
-    return list(dict.fromkeys(origins))
+    cockpit = _origin_of(url) if url else None
+    return list(dict.fromkeys([cockpit, COCKPIT_ORIGIN] if cockpit else [COCKPIT_ORIGIN]))
 
 
 def host_name(value: str) -> str:
