@@ -227,7 +227,8 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
             servers.append(http)
             host, port = http.address
             _say(f"http listening on http://{f'[{host}]' if ':' in host else host}:{port}")
-            _say(f"http answers browser pages from its own origin and {', '.join(sorted(http.policy.origins)) or 'no other'}")
+            origins = ", ".join(sorted(http.policy.origins)) or "no other"
+            _say(f"http answers browser pages from its own origin and {origins}")
     except UsageError as exc:
         pipe.join(to_kill=True)
         _join_all(servers)

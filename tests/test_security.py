@@ -5,7 +5,6 @@ headers a browser sends. A headless Chromium page served from another local port
 pause and kill the pipeline the ways a page can without a CORS preflight.
 """
 import http.server
-import json
 import logging
 import select
 import socket
@@ -25,8 +24,10 @@ COCKPIT = "http://localhost:3000"
 CHROME = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120 Safari/537",
           "Accept": "*/*", "Accept-Language": "en-US,en;q=0.9", "Accept-Encoding": "gzip, deflate"}
 CONTENT = [("application/x-www-form-urlencoded", b""), ("application/x-www-form-urlencoded", b"a=1"),
-           ("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--xyz--\r\n"),
+           ("multipart/form-data; boundary=xyz",
+            b"--xyz\r\nContent-Disposition: form-data; name=a\r\n\r\n1\r\n--xyz--\r\n"),
            ("text/plain;charset=UTF-8", b'{"extra_args": {}}'), ("application/json", b'{"extra_args": {}}')]
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
 ROUTES = ["/pause", "/kill", "/start", "/routines/events/PING/execute", "/routines/ticker/events/PING/execute/",
           "/status", "/pipe/structure", "/nope"]
 
@@ -83,8 +84,7 @@ def test_pages_of_other_origins_change_nothing(daemons):
                 assert response.status_code == 403, (method, route, content_type, response.text)
                 assert "Access-Control-Allow-Origin" not in response.headers
                 assert "--allow-origin http://evil.example" in response.json()["error"]
-        preflight = session.options(daemon.http + route, timeout=10, headers=page(
-            EVIL, mode="cors", **{"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}))
+        preflight = session.options(daemon.http + route, timeout=10, headers=page(EVIL, mode="cors", **PREFLIGHT))
         assert preflight.status_code == 403 and "Access-Control-Allow-Origin" not in preflight.headers
     # a sandboxed page (Origin: null); a cross-site <img src=/kill> or navigation (no Origin); a page
     # that only gives its Referer; a page of the same site on another port (cockpit-like, but not allowed)
@@ -104,9 +104,8 @@ def test_pages_of_other_origins_change_nothing(daemons):
     wait_for(lambda: daemon.status()["routines"]["sink"]["messages_in"] > before)
 
     # what must keep working: the cockpit's page, the daemon's own pages, typed URLs, programs
-    cockpit = session.options(daemon.http + "/routines/ticker/events/PING/execute/", timeout=10, headers=page(
-        COCKPIT, mode="cors", site="same-site",
-        **{"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}))
+    cockpit = session.options(daemon.http + "/routines/ticker/events/PING/execute/", timeout=10,
+                              headers=page(COCKPIT, mode="cors", site="same-site", **PREFLIGHT))
     assert cockpit.status_code == 204 and cockpit.headers["Access-Control-Allow-Origin"] == COCKPIT
     assert "POST" in cockpit.headers["Access-Control-Allow-Methods"]
     assert "content-type" in cockpit.headers["Access-Control-Allow-Headers"].lower()
@@ -373,7 +372,10 @@ window.attack = async () => {{
   await new Promise(done => {{ const i = new Image(); i.onload = i.onerror = done; i.src = "{api}/kill"; }});
   try {{ const r = await fetch("{api}/status"); results.read = await r.text(); }}
   catch (e) {{ results.read = "blocked: " + e; }}
-  await new Promise(done => {{ document.getElementById("sink").onload = done; document.getElementById("form").submit(); }});
+  await new Promise(done => {{
+    document.getElementById("sink").onload = done;
+    document.getElementById("form").submit();
+  }});
   return results;
 }};
 window.cockpit = async () => {{
