@@ -158,7 +158,8 @@ class APIWrapper:
         is shut down, after answering the requests under way."""
         if self._thread is not None:
             raise RuntimeError("this APIWrapper already runs: create one per server")
-        security.check_exposure(self.control.pipe, "HTTP", self.host, self.control.token, self.insecure)
+        security.check_exposure(self.control.pipe, f"HTTP on {self.host}:{self.port}", self.host, self.control.token,
+                                self.insecure)
         listening = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(listening,), name="pipert-http", daemon=True)
         self._thread.start()

@@ -97,8 +97,8 @@ class RPCPipeWrapper(zerorpc.Server):
 
     def bind(self, endpoint: str, resolve: bool = True) -> None:
         """Listen on ``endpoint``; refused (``security.InsecureBindingError``) off loopback without a token."""
-        security.check_exposure(self.control.pipe, "RPC", security.endpoint_host(endpoint), self.control.token,
-                                self.insecure)
+        security.check_exposure(self.control.pipe, f"RPC on {endpoint}", security.endpoint_host(endpoint),
+                                self.control.token, self.insecure)
         super().bind(endpoint, resolve)
 
     def run_rpc_server(self, endpoint: str) -> None:

@@ -166,14 +166,13 @@ def needs_token(host: Optional[str], token: Optional[str]) -> bool:
 _FIX = "Pass token=TOKEN (clients then send it), bind to 127.0.0.1, or pass insecure=True to serve without one anyway"
 
 
-def check_exposure(owner: Any, server: str, host: Optional[str], token: Optional[str], insecure: bool,
+def check_exposure(owner: Any, where: str, host: Optional[str], token: Optional[str], insecure: bool,
                    fix: str = _FIX) -> None:
-    """Refuse (``InsecureBindingError``, whose message ends with ``fix``) to serve ``server`` on a
-    non-loopback ``host`` without a token, unless ``insecure``; then log a loud warning and record the
-    exposure on ``owner`` (the pipe) for ``exposure``."""
+    """Refuse (``InsecureBindingError``, whose message ends with ``fix``) to serve ``where`` (e.g. "HTTP
+    on 0.0.0.0:4000") on a non-loopback ``host`` without a token, unless ``insecure``; then log a loud
+    warning and record the exposure on ``owner`` (the pipe) for ``exposure``."""
     if not needs_token(host, token):
         return
-    where = f"{server} on {host or '0.0.0.0'}"
     if not insecure:
         raise InsecureBindingError(f"refusing to serve {where} without a token: anyone who can reach that "
                                    f"address could pause, kill or drive the pipeline. {fix}")
@@ -187,9 +186,10 @@ def exposure(owner: Any) -> Dict[str, Any]:
     servers = _exposed.get(owner)
     if not servers:
         return {"insecure": False}
+    serve, them = ("serves", "it") if len(servers) == 1 else ("serve", "them")
     return {"insecure": True,
-            "security_warning": f"{' and '.join(servers)} serve without a token (--insecure): anyone who can "
-                                "reach them can pause, kill or drive this pipeline; set a token (--token or "
+            "security_warning": f"{' and '.join(servers)} {serve} without a token (--insecure): anyone who can "
+                                f"reach {them} can pause, kill or drive this pipeline; set a token (--token or "
                                 "PIPERT_TOKEN)"}
 
 

@@ -213,11 +213,11 @@ def built_pipe(make_pipe, tmp_path):
 
 def test_wrappers_refuse_network_addresses_without_a_token_and_warn_when_insecure(built_pipe, caplog):
     pipe = built_pipe
-    with pytest.raises(InsecureBindingError, match="refusing to serve HTTP on 0.0.0.0 without a token.*token=TOKEN"):
+    with pytest.raises(InsecureBindingError, match="refusing to serve HTTP on 0.0.0.0:[0-9]+ without a token.*token="):
         APIWrapper("0.0.0.0", free_port(), pipe).run()
     rpc = RPCPipeWrapper(pipe)
     try:
-        with pytest.raises(InsecureBindingError, match=r"refusing to serve RPC on 192\.0\.2\.1 without a token"):
+        with pytest.raises(InsecureBindingError, match=r"refusing to serve RPC on tcp://192\.0\.2\.1:4242 without"):
             rpc.bind("tcp://192.0.2.1:4242")
         rpc.bind(f"tcp://127.0.0.1:{free_port()}")  # loopback, ipc and inproc need no token
         rpc.bind("inproc://pipert-test")
@@ -225,12 +225,13 @@ def test_wrappers_refuse_network_addresses_without_a_token_and_warn_when_insecur
         rpc.close()
     # what `--insecure` on 0.0.0.0 does (tests bind to 127.0.0.1 only): the check passes, warns and is recorded
     with caplog.at_level(logging.WARNING, logger="pipert.security"):
-        security.check_exposure(pipe, "RPC", "0.0.0.0", None, insecure=True)
-    assert "INSECURE: RPC on 0.0.0.0 serves WITHOUT A TOKEN" in caplog.text
+        security.check_exposure(pipe, "RPC on tcp://0.0.0.0:4242", "0.0.0.0", None, insecure=True)
+    assert "INSECURE: RPC on tcp://0.0.0.0:4242 serves WITHOUT A TOKEN" in caplog.text
     api = APIWrapper("127.0.0.1", free_port(), pipe)
     api.run()
     status = requests.get(f"http://127.0.0.1:{api.port}/status", timeout=10).json()
-    assert status["insecure"] is True and "RPC on 0.0.0.0 serve without a token" in status["security_warning"]
+    assert status["insecure"] is True
+    assert "RPC on tcp://0.0.0.0:4242 serves without a token" in status["security_warning"]
     assert set(status["routines"]) == {"counter", "out"}
     pipe.kill()
     assert api.join(10)
