@@ -105,7 +105,7 @@ class _Agent:
         pipe._event_ids = itertools.count(-1, -1)  # its own events (restarts, kill) are not the driver's
         pipe._built = pipe._building = True
         shm.sweep_stale()
-        pipe._start_host()
+        pipe._start_host(detach=True)
         return pipe._hub.address
 
     def start(self, host: str, driver: Tuple[str, int], authkey: bytes,

@@ -472,11 +472,11 @@ class Pipe:
                 handler.send_pipe_creation(structure)
         self.logger.plog("pipe %s built: %d flows, %d routines", self.id, len(self.flows), len(self._flow_of))
 
-    def _start_host(self) -> None:
+    def _start_host(self, detach: bool = False) -> None:
         """The per-host part of build: this host's shared memory and bridges, and the zygote
-        that forks its flow processes (on a cluster, each node agent does the same)."""
+        that forks its flow processes (on a cluster, each node agent does the same, ``detach``)."""
         self._plan(self._flow_of)
-        self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd))
+        self._zygote = Zygote(self.id, lambda flow, fd: run_flow(self, flow, fd), detach)
         threading.Thread(target=self._read_zygote, name="pipert-zygote-reader", daemon=True).start()
         atexit.register(self._shutdown)
 

@@ -27,13 +27,18 @@ _ORPHAN_GRACE = 3.0  # seconds flows get to exit on their own once the daemon is
 class Zygote:
     """The daemon's handle on the zygote process."""
 
-    def __init__(self, pipe_id: str, run_flow: Callable[[str, int], None]) -> None:
+    def __init__(self, pipe_id: str, run_flow: Callable[[str, int], None], detach: bool = False) -> None:
+        """``detach`` (in a Ray node agent): the zygote is a grandchild, so that when Ray kills the
+        agent and its children (the driver died), the zygote lives on to end the flows and free the
+        node's shared memory."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
         if self.pid == 0:
             ours.close()
             code = 0
             try:
+                if detach and os.fork():
+                    os._exit(0)
                 _serve(theirs, pipe_id, run_flow)
             except BaseException:
                 code = 1
@@ -41,6 +46,8 @@ class Zygote:
                 os._exit(code)
         theirs.close()
         self.sock = ours
+        if detach:
+            os.waitpid(self.pid, 0)
 
     def spawn(self, flow: str, fd: int) -> None:
         """Ask for a new process for ``flow`` that talks to the daemon over ``fd``."""
