@@ -304,3 +304,21 @@ def test_pipert_run_cluster_serves_http_and_stops_on_sigterm(cluster, tmp_path):
     finally:
         daemon.kill()
         daemon.wait(10)
+
+
+class SlowSink(Recorder):
+    def main_logic(self, data):
+        time.sleep(0.05)
+
+
+def test_auto_pacing_slows_a_source_on_another_node(cluster, make_pipe, tmp_path):
+    pipe = make_pipe(cluster=cluster.address, auto_pacing_mechanism=True)
+    camera, sink = Counter(), SlowSink(str(tmp_path / "out.jsonl"))
+    pipe.create_flow("capture", False, camera, resources={"camera": 1})
+    pipe.create_flow("output", False, sink, resources={"gpu_host": 1})
+    pipe.link(Wire(source=camera, destinations=(sink,)))
+    pipe.build()
+    pipe.notify_event("start")
+    paced = wait_for(lambda: pipe.status()["routines"][camera.name]["paced_fps"], timeout=20)
+    assert 5 < paced < 25  # the sink's capacity (about 20 calls/s) times 1.1
+    pipe.join(to_kill=True)
