@@ -12,6 +12,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -216,6 +217,60 @@ def test_second_signal_stops_at_once_without_waiting_for_cleanups(groups):
     assert group.cleanups() == []
     wait_for(lambda: not living(group.pids), timeout=5)
     assert not group.leftovers()
+
+
+def test_sigkill_of_the_zygote_alone_ends_the_daemon_as_a_failure(groups):
+    group = groups()
+    flows = group.flow_pids()
+    zygote = [pid for pid in group.pids[1:] if pid not in flows]
+    os.kill(zygote[0], signal.SIGKILL)
+    assert group.finish(timeout=20) == 1  # its flows died with it and cannot be forked again
+    assert "the zygote" in group.stderr() and "cannot be restarted" in group.stderr()
+    assert "flows that died on their own: ['a', 'b', 'c']" in group.output[-1]
+    wait_for(lambda: not living(group.pids), timeout=5)
+    assert not group.leftovers()
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from signal_target import make_patient_pipe
+pipe = make_patient_pipe()
+pipe.build()
+pipe.notify_event("start").wait(10)
+print(pipe.id, flush=True)
+pipe.join()
+"""
+
+
+def test_script_stops_on_sighup_and_a_second_signal_hurries_it(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(tests=TESTS))
+    log = str(tmp_path / "cleanups.jsonl")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            env=clean_env(SIGNAL_TARGET_LOG=log, SIGNAL_TARGET_CLEANUP="60"))
+    pids, pipe_id = [], None
+    try:
+        pipe_id = proc.stdout.readline().strip()
+        pids = [proc.pid] + descendants(proc.pid)
+        assert len(living(pids)) == 5
+        os.killpg(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None  # kill grace 60 s: the cleanups hold the stop
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)  # well before the 60 s grace
+        wait_for(lambda: not living(pids), timeout=5)
+        assert not [e for e in shm.leftovers() if f"_{pipe_id}_" in e]
+        assert read_lines(log) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        for pid in living(pids):
+            os.kill(pid, signal.SIGKILL)
+        if pipe_id:
+            shm.unlink_owned(pipe_id)
 
 
 def test_sigkill_of_the_group_leaves_segments_the_next_daemon_sweeps(groups):
