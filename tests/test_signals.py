@@ -7,7 +7,6 @@ holds exactly the daemon, the zygote and the three flows. Every test checks that
 (processes, /dev/shm), also when it fails.
 """
 import os
-import queue
 import select
 import signal
 import socket
@@ -20,7 +19,8 @@ import uuid
 import pytest
 import requests
 
-from helpers import clean_env, descendants, free_port, living, pipert_command, read_lines, wait_for
+from helpers import (clean_env, descendants, free_port, kill_survivors, living, pipert_command, read_lines,
+                     wait_for)
 from pipert import sd_notify, shm
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -41,31 +41,24 @@ class Group:
                                          env=clean_env(SIGNAL_TARGET_LOG=self.log, **env), stdout=subprocess.PIPE,
                                          stderr=err, start_new_session=True)
         self.output = []
-        self.lines = queue.Queue()
+        self.reader = None
         self.pids = []
         self.pipe_id = None
 
     def read_lines(self):
-        """Collect stdout on a thread (the notify test reads it itself instead)."""
+        """Collect stdout on a thread (the notify test reads it itself until then)."""
         def read():
             for line in self.proc.stdout:
-                self.lines.put(line.decode().rstrip("\n"))
-            self.lines.put(None)
-        threading.Thread(target=read, daemon=True).start()
+                self.seen(line.decode().rstrip("\n"))
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
         return self
 
     def read_until(self, text, timeout=30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                line = None
-            if line is None:
-                raise AssertionError(f"daemon never printed {text!r}; stdout {self.output}, stderr {self.stderr()}")
-            self.seen(line)
-            if text in line:
-                return line
+        try:
+            wait_for(lambda: any(text in line for line in self.output), timeout)
+        except AssertionError:
+            raise AssertionError(f"daemon never printed {text!r}; stdout {self.output}, stderr {self.stderr()}")
 
     def seen(self, line):
         self.output.append(line)
@@ -89,10 +82,7 @@ class Group:
     def finish(self, timeout):
         """Wait for the daemon's exit (``timeout`` only guards against a hang); its exit code."""
         code = self.proc.wait(timeout)
-        try:
-            self.read_until("end of output", timeout=5)
-        except AssertionError:
-            pass
+        self.reader.join(5)
         return code
 
     def stderr(self):
@@ -124,11 +114,7 @@ def groups(tmp_path):
             os.killpg(group.proc.pid, signal.SIGKILL)
         group.proc.wait(10)
         group.proc.stdout.close()
-        try:
-            wait_for(lambda: not living(group.pids), timeout=10)
-        except AssertionError:
-            for pid in living(group.pids):
-                os.kill(pid, signal.SIGKILL)
+        if kill_survivors(group.pids):
             problems.append(f"processes {group.pids} outlived daemon {group.proc.pid}")
         if group.leftovers():
             shm.unlink_owned(group.pipe_id)
@@ -267,8 +253,7 @@ def test_script_stops_on_sighup_and_a_second_signal_hurries_it(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
-        for pid in living(pids):
-            os.kill(pid, signal.SIGKILL)
+        kill_survivors(pids, timeout=0)
         if pipe_id:
             shm.unlink_owned(pipe_id)
 
