@@ -738,21 +738,19 @@ class Pipe:
         signal does. ``join`` returns once their exits are reported; shared memory is freed as usual.
         Safe to call from a signal handler (it only sends signals)."""
         self._killing = True
-        self._sigkill_flows(False)
-
-    def _terminate_stragglers(self) -> None:
-        self._sigkill_flows(True)
-
-    def _sigkill_flows(self, warn: bool) -> None:
-        for name, state in list(self._states.items()):
+        for state in list(self._states.values()):
             if state.alive and state.pid:
-                if warn:
-                    self.logger.warning("flow '%s' did not finish within %.1f s of kill (a routine stuck in "
-                                        "main_logic?): terminating it", name, self._kill_grace)
                 try:
                     os.kill(state.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+    def _terminate_stragglers(self) -> None:
+        for name, state in self._states.items():
+            if state.alive and state.pid:
+                self.logger.warning("flow '%s' did not finish within %.1f s of kill (a routine stuck in "
+                                    "main_logic?): terminating it", name, self._kill_grace)
+        self.terminate()
 
     def join(self, to_kill: bool = False) -> None:
         """Wait until every flow has exited (after ``kill``); ``to_kill=True`` kills first.

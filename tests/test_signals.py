@@ -150,6 +150,27 @@ def test_signal_to_the_whole_group_stops_everything_cleanly(groups, signum, star
     assert len(summary) == 3 and all(": killed," in line for line in summary), summary
 
 
+def test_timeout_command_stops_the_daemon_cleanly(tmp_path):
+    """`timeout` signals the process group it makes for the command, as in the issue's report."""
+    log = str(tmp_path / "cleanups.jsonl")
+    command = ["timeout", "--preserve-status", "8"] + pipert_command() + ["run", f"{TARGET}:make_pipe", "--start"]
+    proc = subprocess.Popen(command, cwd=str(tmp_path), env=clean_env(SIGNAL_TARGET_LOG=log), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=8 + 2.0 + 2 + 20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # timeout leads the group of the command
+            proc.communicate()
+    assert proc.returncode == 0, (out, err)  # the daemon's own exit code
+    assert "pipert: stopping on SIGTERM" in out
+    pipe_id = out.split()[2]
+    assert out.splitlines()[-1] == f"pipert: pipe {pipe_id} stopped"
+    assert sorted(r["cleanup"] for r in read_lines(log)) == sorted(ROUTINES)
+    assert not kill_survivors([r["pid"] for r in read_lines(log)], timeout=5)
+    assert not [e for e in shm.leftovers() if f"_{pipe_id}_" in e]
+
+
 @pytest.mark.parametrize("factory, restarted", [("make_pipe", {"a", "b", "c"}), ("make_pipe_c_never", {"a", "b"})])
 def test_signal_to_the_flows_alone_is_their_fault_and_they_restart_by_policy(groups, factory, restarted):
     group = groups(factory)
