@@ -43,7 +43,7 @@ from .api import APIWrapper
 from .errors import BuildError
 from .pipe import Pipe
 from .rpc import RPCPipeWrapper, SendToken
-from .signals import STOP_SIGNALS, received, signal_pipe
+from .signals import heeded, received, signal_pipe
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
 DEFAULT_RPC, DEFAULT_API = "tcp://127.0.0.1:4242", "127.0.0.1:4000"
@@ -171,7 +171,7 @@ class _Signals:
     def __init__(self) -> None:
         self.received: List[int] = []
         self._pipe: Optional[Tuple[Any, Any]] = None
-        for signum in STOP_SIGNALS:
+        for signum in heeded():
             signal.signal(signum, self._interrupt)
 
     def _interrupt(self, signum: int, frame: Any) -> None:

@@ -27,13 +27,13 @@ from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTI
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
 from .params import declared_params, raise_problems, resolve_params
 from .routine import DestinationRoutine, Routine, SourceRoutine
-from .signals import STOP_SIGNALS
+from .signals import STOP_SIGNALS, heeded
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
 from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
 
 _READY_TIMEOUT = 30.0
-_SETTLE = 0.5  # seconds a stop signal seen first in a flow or the zygote waits for the daemon's own
+_SETTLE = 1.0  # seconds a stop signal seen first in a flow or the zygote waits for the daemon's own
 _log = logging.getLogger(__name__)
 
 
@@ -776,7 +776,7 @@ class Pipe:
             self._shut_down.wait()
             return
         main = threading.current_thread() is threading.main_thread()
-        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} if main else {}
+        previous = {signum: signal.getsignal(signum) for signum in heeded()} if main else {}
         for signum in previous:  # a stop signal now hurries the shutdown instead of cutting it short
             signal.signal(signum, lambda signum, frame: self.terminate())
         try:

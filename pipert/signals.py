@@ -18,8 +18,15 @@ from typing import List, Tuple
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def heeded() -> List[int]:
+    """The stop signals this process does not ignore. A signal ignored when the daemon starts stays
+    ignored in it and every process it forks (``nohup`` ignores SIGHUP; a shell ignores SIGINT in its
+    background jobs), as Unix programs do."""
+    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def signal_pipe() -> Tuple[socket.socket, socket.socket]:
-    """From the main thread: route the stop signals to a socket pair and return it (read end first).
+    """From the main thread: route the heeded stop signals to a socket pair; returns it (read end first).
 
     Each signal writes its number into the second socket (``signal.set_wakeup_fd``);
     a loop that waits on the first wakes up and reads them with ``received``.
@@ -29,7 +36,7 @@ def signal_pipe() -> Tuple[socket.socket, socket.socket]:
     for end in (reader, writer):
         end.setblocking(False)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-    for signum in STOP_SIGNALS:
+    for signum in heeded():
         signal.signal(signum, _wake_only)
     return reader, writer
 

@@ -49,8 +49,8 @@ def _pipe(kill_grace, slow_restart="on-failure"):
 
 
 def make_pipe():
-    """The chain, with 2 s for cleanups at kill."""
-    return _pipe(2.0)
+    """The chain, with the default 5 s for cleanups at kill."""
+    return _pipe(5.0)
 
 
 def make_patient_pipe():
@@ -60,4 +60,4 @@ def make_patient_pipe():
 
 def make_pipe_c_never():
     """The chain whose flow c is never restarted."""
-    return _pipe(2.0, slow_restart="never")
+    return _pipe(5.0, slow_restart="never")

@@ -28,10 +28,19 @@ TARGET = os.path.join(TESTS, "signal_target.py")
 ROUTINES = {"gen", "mid", "slow"}
 
 
+def as_a_service(ignored=()):
+    """For a child: stop signals at their defaults, as a service manager starts a service (a test run
+    as a background job would otherwise pass an ignored SIGINT on), but for ``ignored``."""
+    def reset():
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
+    return reset
+
+
 class Group:
     """One `pipert run` daemon leading its own process group, and what it printed."""
 
-    def __init__(self, tmp_path, factory, start, env):
+    def __init__(self, tmp_path, factory, start, env, ignored=()):
         self.log = str(tmp_path / f"cleanups-{uuid.uuid4().hex[:6]}.jsonl")
         self.err_path = self.log + ".err"
         self.api = f"http://127.0.0.1:{free_port()}"
@@ -39,7 +48,7 @@ class Group:
         with open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(args + (["--start"] if start else []), cwd=str(tmp_path),
                                          env=clean_env(SIGNAL_TARGET_LOG=self.log, **env), stdout=subprocess.PIPE,
-                                         stderr=err, start_new_session=True)
+                                         stderr=err, start_new_session=True, preexec_fn=as_a_service(ignored))
         self.output = []
         self.reader = None
         self.pids = []
@@ -101,8 +110,8 @@ def groups(tmp_path):
     """Start daemons in their own groups; at teardown every process is gone and /dev/shm is clean."""
     started = []
 
-    def start(factory="make_pipe", start=True, env=None, read=True):
-        group = Group(tmp_path, factory, start, env or {})
+    def start(factory="make_pipe", start=True, env=None, read=True, ignored=()):
+        group = Group(tmp_path, factory, start, env or {}, ignored)
         started.append(group)
         return group.read_lines().ready() if read else group
 
@@ -128,7 +137,7 @@ def messages_waiting(group):
 
 
 def assert_stopped_cleanly(group, signum):
-    assert group.finish(timeout=2.0 + 2 + 10) == 0, (group.output, group.stderr())
+    assert group.finish(timeout=5.0 + 2 + 10) == 0, (group.output, group.stderr())
     assert f"pipert: stopping on {signal.Signals(signum).name}" in group.output
     assert group.output[-1] == f"pipert: pipe {group.pipe_id} stopped"
     wait_for(lambda: not living(group.pids), timeout=5)
@@ -155,9 +164,9 @@ def test_timeout_command_stops_the_daemon_cleanly(tmp_path):
     log = str(tmp_path / "cleanups.jsonl")
     command = ["timeout", "--preserve-status", "8"] + pipert_command() + ["run", f"{TARGET}:make_pipe", "--start"]
     proc = subprocess.Popen(command, cwd=str(tmp_path), env=clean_env(SIGNAL_TARGET_LOG=log), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=as_a_service())
     try:
-        out, err = proc.communicate(timeout=8 + 2.0 + 2 + 20)
+        out, err = proc.communicate(timeout=8 + 5.0 + 2 + 20)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # timeout leads the group of the command
@@ -169,6 +178,18 @@ def test_timeout_command_stops_the_daemon_cleanly(tmp_path):
     assert sorted(r["cleanup"] for r in read_lines(log)) == sorted(ROUTINES)
     assert not kill_survivors([r["pid"] for r in read_lines(log)], timeout=5)
     assert not [e for e in shm.leftovers() if f"_{pipe_id}_" in e]
+
+
+def test_a_signal_ignored_at_start_stays_ignored_in_every_process(groups):
+    """`nohup pipert run ...`: a hang-up of the terminal must not stop the daemon nor any flow."""
+    group = groups(ignored=(signal.SIGHUP,))
+    wait_for(lambda: messages_waiting(group))
+    group.signal(signal.SIGHUP)
+    time.sleep(1.5)  # long enough for a stop to begin, or for a flow's fault to be judged
+    assert all(f["alive"] and not f["restarts"] for f in group.status()["flows"].values())
+    assert living(group.pids) == group.pids and group.cleanups() == []
+    group.signal(signal.SIGTERM)
+    assert_stopped_cleanly(group, signal.SIGTERM)
 
 
 @pytest.mark.parametrize("factory, restarted", [("make_pipe", {"a", "b", "c"}), ("make_pipe_c_never", {"a", "b"})])
@@ -189,7 +210,7 @@ def test_signal_to_the_flows_alone_is_their_fault_and_they_restart_by_policy(gro
     assert group.proc.poll() is None and living(group.pids[:2]) == group.pids[:2]  # daemon and zygote run on
     group.pids += group.flow_pids()
     group.signal(signal.SIGTERM)
-    code = group.finish(timeout=2.0 + 2 + 10)
+    code = group.finish(timeout=5.0 + 2 + 10)
     assert code == (0 if restarted == {"a", "b", "c"} else 1)  # exit 1: flow c died on its own
     wait_for(lambda: not living(group.pids), timeout=5)
     assert not group.leftovers()
@@ -255,7 +276,8 @@ def test_script_stops_on_sighup_and_a_second_signal_hurries_it(tmp_path):
     script.write_text(SCRIPT.format(tests=TESTS))
     log = str(tmp_path / "cleanups.jsonl")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True,
-                            env=clean_env(SIGNAL_TARGET_LOG=log, SIGNAL_TARGET_CLEANUP="60"))
+                            env=clean_env(SIGNAL_TARGET_LOG=log, SIGNAL_TARGET_CLEANUP="60"),
+                            preexec_fn=as_a_service())
     pids, pipe_id = [], None
     try:
         pipe_id = proc.stdout.readline().strip()
