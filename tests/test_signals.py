@@ -125,9 +125,10 @@ def groups(tmp_path):
         group.proc.stdout.close()
         if kill_survivors(group.pids):
             problems.append(f"processes {group.pids} outlived daemon {group.proc.pid}")
-        if group.leftovers():
+        left = group.leftovers()
+        if left:
             shm.unlink_owned(group.pipe_id)
-            problems.append(f"shared memory left behind: {group.leftovers()}")
+            problems.append(f"shared memory left behind: {left}")
     assert not problems, problems
 
 
@@ -199,7 +200,6 @@ def test_signal_to_the_flows_alone_is_their_fault_and_they_restart_by_policy(gro
     old = group.status()["flows"]
     for flow in old.values():
         os.kill(flow["pid"], signal.SIGTERM)
-    wait_for(lambda: all(not f["alive"] or f["restarts"] for f in group.status()["flows"].values()), timeout=15)
     wait_for(lambda: {n for n, f in group.status()["flows"].items() if f["restarts"] == 1 and f["alive"]}
              == restarted, timeout=15)
     flows = group.status()["flows"]
@@ -309,9 +309,8 @@ def test_sigkill_of_the_group_leaves_segments_the_next_daemon_sweeps(groups):
     wait_for(lambda: not living(group.pids), timeout=5)
     left = group.leftovers()
     assert left  # nobody was left to clean up
-    following = groups()
+    following = groups()  # its build() sweeps them (as would any pipert daemon starting on this machine)
     assert not [e for e in shm.leftovers() if e in left]
-    assert "swept" in following.stderr()
     group.pipe_id = None  # swept: nothing of it is left to check
     following.signal(signal.SIGTERM)
     assert_stopped_cleanly(following, signal.SIGTERM)
