@@ -9,8 +9,10 @@ servers asked for, optionally sends ``start``, and runs until the pipe is killed
 kills what still runs, joins every flow, frees the shared memory, prints what
 every routine and wire did, and exits 0 (1 if a flow died on its own).
 Settings come from the flags, else the environment, else the nearest ``.env``:
-``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``. Once the
-servers listen it prints their addresses, then ``pipert: ready``.
+``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``,
+``PIPERT_ALLOWED_ORIGINS``, ``PIPERT_ALLOWED_HOSTS``. A server on an address other
+than loopback needs a token (or ``--insecure``). Once the servers listen it
+prints their addresses, then ``pipert: ready``.
 
 ``pipert plugins`` lists the registered routines, ``pipert check FILE...``
 checks pipeline files without running them and ``pipert graph TARGET`` prints a
@@ -27,7 +29,6 @@ import collections
 import collections.abc
 import importlib
 import importlib.util
-import ipaddress
 import json
 import logging
 import os
@@ -36,12 +37,11 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import dotenv
 
-from . import registry
+from . import registry, security
 from .api import APIWrapper
 from .errors import BuildError, EventError
 from .events import events_of
@@ -97,11 +97,25 @@ def _setting(flag: Optional[str], variable: str) -> Optional[str]:
     return flag if flag is not None else (os.environ.get(variable) or None)
 
 
-def _is_loopback(host: str) -> bool:
+def _access(args: argparse.Namespace, servers: List[Tuple[str, Optional[str]]],
+            token: Optional[str]) -> Tuple[Optional[List[str]], List[str]]:
+    """The allowed browser origins (None: the cockpit's) and extra Host names; refuses servers
+    (what, host) off loopback without a token unless --insecure."""
+    origins = args.allow_origin or security.split_list(os.environ.get(security.ORIGINS_VARIABLE)) or None
+    hosts = args.allow_host or security.split_list(os.environ.get(security.HOSTS_VARIABLE))
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+        origins = None if origins is None else [security.normalize_origin(origin) for origin in origins]
+        hosts = [security.host_name(host) for host in hosts]
+    except ValueError as exc:
+        raise UsageError(f"{exc} (from --allow-origin/--allow-host, {security.ORIGINS_VARIABLE} or "
+                         f"{security.HOSTS_VARIABLE})") from None
+    for what, host in servers:
+        if not args.insecure and security.needs_token(host, token):
+            raise UsageError(f"refusing to serve {what} without a token: anyone who can reach that "
+                             f"address could pause, kill or drive the pipeline. Set one with --token TOKEN, or "
+                             f"{TOKEN_VARIABLE}=TOKEN in the environment or in .env (clients then send it); or "
+                             "bind to 127.0.0.1; or pass --insecure to serve without one anyway")
+    return origins, hosts
 
 
 # ----- the target -----
@@ -152,13 +166,14 @@ def load_target(spec: str) -> Pipe:
 
 # ----- servers -----
 
-def _serve_rpc(pipe: Pipe, endpoint: str, token: Optional[str], ack_timeout: float) -> threading.Thread:
+def _serve_rpc(pipe: Pipe, endpoint: str, token: Optional[str], ack_timeout: float,
+               insecure: bool) -> threading.Thread:
     """Run an RPCPipeWrapper on its own thread (and gevent hub); returns once it is bound."""
     bound: "queue.Queue[Optional[BaseException]]" = queue.Queue()
 
     def serve() -> None:
         try:
-            server = RPCPipeWrapper(pipe, token=token, ack_timeout=ack_timeout)
+            server = RPCPipeWrapper(pipe, token=token, ack_timeout=ack_timeout, insecure=insecure)
             server.bind(endpoint)
         except BaseException as exc:
             bound.put(exc)
@@ -193,7 +208,9 @@ class _Signals:
 
 
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
-        start: bool, ack_timeout: float, params: Sequence[str] = ()) -> int:
+        start: bool, ack_timeout: float, params: Sequence[str] = (),
+        allowed_origins: Optional[List[str]] = None, allowed_hosts: Iterable[str] = (),
+        insecure: bool = False) -> int:
     """Run the daemon (see the module docstring); the process's exit code."""
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
@@ -215,10 +232,11 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     servers: List[Any] = []  # each stops on its own once the pipe is shut down; join(timeout) waits for it
     try:
         if rpc is not None:
-            servers.append(_serve_rpc(pipe, rpc, token, ack_timeout))
+            servers.append(_serve_rpc(pipe, rpc, token, ack_timeout, insecure))
             _say(f"rpc listening on {rpc}")
         if api is not None:
-            http = APIWrapper(api[0], api[1], pipe, token=token, ack_timeout=ack_timeout)
+            http = APIWrapper(api[0], api[1], pipe, token=token, ack_timeout=ack_timeout,
+                              allowed_origins=allowed_origins, allowed_hosts=allowed_hosts, insecure=insecure)
             try:
                 http.run()
             except OSError as exc:
@@ -227,6 +245,8 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
             servers.append(http)
             host, port = http.address
             _say(f"http listening on http://{f'[{host}]' if ':' in host else host}:{port}")
+            origins = ", ".join(sorted(http.policy.origins)) or "no other"
+            _say(f"http answers browser pages from its own origin and {origins}")
     except UsageError as exc:
         pipe.join(to_kill=True)
         _join_all(servers)
@@ -409,6 +429,16 @@ def _parser() -> argparse.ArgumentParser:
     grapher = commands.add_parser("graph", help="print a pipeline as a Mermaid flowchart")
     grapher.add_argument("target", metavar="TARGET", help="a pipeline file, path/to/file.py:factory or "
                                                           "package.module:factory")
+    runner.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                        help="let browser pages from ORIGIN (scheme://host[:port]) call the HTTP API; repeatable; "
+                             f"default ${security.ORIGINS_VARIABLE} (comma-separated), else the cockpit's "
+                             f"(SOCKET_LOGGER_URL's origin and {security.COCKPIT_ORIGIN})")
+    runner.add_argument("--allow-host", action="append", metavar="NAME",
+                        help="answer HTTP requests addressed to NAME (Host header) besides the bound address, "
+                             f"localhost and loopback; repeatable; default ${security.HOSTS_VARIABLE}")
+    runner.add_argument("--insecure", action="store_true",
+                        help="serve on a non-loopback address without a token (anyone who reaches it controls "
+                             "the pipe; warned at start and in status)")
     commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
                         add_help=False)
     return parser
@@ -433,12 +463,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         api = _setting(args.api, API_VARIABLE)
         api = api_address(api) if api else None
         token = _setting(args.token, TOKEN_VARIABLE)
-        hosts = ([urlsplit(rpc).hostname or rpc] if rpc else []) + ([api[0]] if api else [])
-        public = [host for host in hosts if not _is_loopback(host)]
-        if public and not token:
-            _log.warning("control servers listen on %s without a token: anyone who reaches them controls the "
-                         "pipe; set %s", public, TOKEN_VARIABLE)
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param)
+        servers = ([(f"RPC on {rpc}", security.endpoint_host(rpc))] if rpc else []) + \
+            ([(f"HTTP on {api[0]}:{api[1]}", api[0])] if api else [])
+        origins, hosts = _access(args, servers, token)
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts, args.insecure)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2

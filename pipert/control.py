@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
+from . import security
 from .errors import PipeError
 from .events import KILL_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
@@ -270,6 +271,7 @@ class Control:
         return self.pipe.structure()
 
     def status(self) -> Dict[str, Any]:
-        """Per routine state, messages in/out and FPS; per wire depth and drops; per flow pid and alive."""
-        return self.pipe.status()
+        """Per routine state, messages in/out and FPS; per wire depth and drops; per flow pid and alive;
+        ``insecure`` (and a ``security_warning``) when a control server runs without a token off loopback."""
+        return {**self.pipe.status(), **security.exposure(self.pipe)}
 

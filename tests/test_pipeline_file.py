@@ -7,11 +7,9 @@ and runs a pipeline file of its routines with `pipert run`, changing a parameter
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import sysconfig
-import textwrap
 import threading
 import time
 
