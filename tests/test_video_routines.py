@@ -102,10 +102,17 @@ def test_video_source_plays_a_file_frame_exact_loops_and_ends(tmp_path, run_file
     out = str(tmp_path / "frames")
     pipe = run_file(f"""
 flows:
-  capture: {{routines: [{{name: cam, type: video-source,
-              params: {{path: {video}, fps: 0, loop: true, frames: 25, source_id: door}}}}]}}
-  store: {{routines: [{{name: keep, type: "test_video_routines:SaveFrames", params: {{folder: {out}}}}}]}}
-wires: [{{source: cam, destinations: [keep], policy: block, depth: 4}}]
+  capture:
+    routines:
+      - {{name: cam, type: video-source, params: {{path: {video}, fps: 0, loop: true, frames: 25, source_id: door}}}}
+      - {{name: paced, type: video-source, params: {{path: {video}}}}}  # at the file's own 25 fps
+  store:
+    routines:
+      - {{name: keep, type: "test_video_routines:SaveFrames", params: {{folder: {out}}}}}
+      - {{name: keep_paced, type: "test_video_routines:SaveFrames", params: {{folder: {out}-paced}}}}
+wires:
+  - {{source: cam, destinations: [keep], policy: block, depth: 4}}
+  - {{source: paced, destinations: [keep_paced], policy: block, depth: 4}}
 """)
     messages = wait_for(lambda: (lambda m: m if m and m[-1].get("end") else None)(saved(out)), timeout=30)
     assert messages[-1] == {"end": True, "frames": 25, "source": "cam", "flow": "capture"}
@@ -119,6 +126,9 @@ wires: [{{source: cam, destinations: [keep], policy: block, depth: 4}}]
     status = pipe.status()["routines"]["cam"]
     assert status["condition"] is None and status["params"]["loop"] is True
     assert any("end of the stream after 25 frames" in r for r in pipe.records)
+    paced = wait_for(lambda: (lambda m: m if m and m[-1].get("end") else None)(saved(out + "-paced")), timeout=30)
+    assert [m.get("frame_number") for m in paced] == list(range(1, 11)) + [None]
+    assert paced[9]["timestamp"] - paced[0]["timestamp"] >= 9 / 25 * 0.9  # not faster than the file's rate
 
 
 class Runtime:

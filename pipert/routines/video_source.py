@@ -64,6 +64,7 @@ class VideoSource(FrameSource):
                 raise RuntimeError(f"video-source '{self.name}': OpenCV cannot read the video file {self.path}: "
                                    "is it a video in a format FFmpeg knows?")
             self._lost("cannot open it")
+        self.own_fps = self.capture.get(cv2.CAP_PROP_FPS) if self.kind == "file" else None
         self._pace()
 
     def params_changed(self, changed: Dict[str, Any]) -> None:
@@ -75,8 +76,8 @@ class VideoSource(FrameSource):
         """Play a file at ``fps`` (or its own rate); never hold back a live source."""
         rate = None
         if self.kind == "file":
-            rate = self.fps if self.fps is not None else self.capture.get(cv2.CAP_PROP_FPS)
-        self.set_const_fps(rate if rate and rate > 0 else None)
+            rate = self.fps if self.fps is not None else self.own_fps
+        self.set_const_fps(rate if rate and rate > 0 else None)  # a file without a frame rate: as fast as it decodes
 
     def _open(self) -> bool:
         """Open ``path``; whether it opened."""
