@@ -155,6 +155,9 @@ class _Agent:
             if message[0] == "hosts":
                 pipe._hub.start(message[1])
                 continue
+            if message[0] == "terminate":
+                pipe.terminate()
+                continue
             _, instance, inner = message
             if inner[0] == "event":
                 pipe._note_event(inner[2], {instance: inner[3]})
@@ -357,6 +360,11 @@ class Cluster:
         if not self._pipe._states[instance].alive:
             return False
         return self._send(self._pipe._host_of[instance], ("send", instance, message))
+
+    def terminate(self) -> None:
+        """Have every node agent kill its flows at once (``Pipe.terminate``)."""
+        for host in list(self._conns):
+            self._send(host, ("terminate",))
 
     def _read_agent(self, host: str, conn: Connection) -> None:
         pipe = self._pipe
