@@ -187,6 +187,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     results = cross_node(args.quick)
     burned = 40 if args.quick else 150
     results["replicas_1"] = run_pipe(burned, False, burn_ms=20, replicas=1, warmup=10)
@@ -203,9 +204,10 @@ def main():
     print(f"{'20 ms CPU stage, replicas 1 -> 2':34} {results['replicas_1']['rate']:10.1f} "
           f"{results['replicas_2']['rate']:10.1f} {scaling:7.2f}  >= 1.8 {'met' if scaling >= 1.8 else 'MISSED'}"
           "  (msgs/s with 1 | 2 replicas)")
+    print(f"load average at the start: {load:.1f} on {os.cpu_count()} cores (replication needs free cores to scale)")
     bad = sum(r.get("bad", 0) for r in results.values())
     print("BENCH_RESULT " + json.dumps(dict(results, frame_ratio=frame_ratio, small_ratio=small_ratio,
-                                            replica_scaling=scaling, integrity_errors=bad)))
+                                            replica_scaling=scaling, integrity_errors=bad, load_average=load)))
     return 1 if bad else 0
 
 
