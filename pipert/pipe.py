@@ -21,10 +21,11 @@ from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import shm
-from .errors import BuildError, EventError
+from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
                      STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
 from .wire import BLOCK, LATEST, POLICIES, Wire
@@ -167,6 +168,8 @@ class Pipe:
         self._shut_down = threading.Event()
         self._killing = False
         self._previous_sigterm: Any = None
+        self._recording: Optional[Recording] = None
+        self._record_lock = threading.Lock()
 
     # ----- declaring the graph -----
 
@@ -480,6 +483,8 @@ class Pipe:
                 self.logger.error("restarted flow '%s' did not start within %.0f s", flow, _READY_TIMEOUT)
                 return
             state.restarts += 1
+            if self._recording is not None:
+                self._recording.flow_started(flow)
             wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
                 self._dispatch(START_EVENT_NAME, {flow: wanted}, {})
@@ -632,6 +637,32 @@ class Pipe:
             self.logger.warning("event '%s' goes nowhere: no chosen routine handles it", event_name)
         return self._dispatch(event_name, resolved, params)
 
+    # ----- recording -----
+
+    def record(self, path: str, wires: Optional[List[str]] = None, **options: Any) -> Recording:
+        """Record the outputs of the routines ``wires`` (all routines with an output when None) into
+        the MCAP file ``path``, one topic per routine, until ``stop_recording()``, kill or exit.
+
+        Recording never slows the pipe: what it cannot keep up with is dropped and counted, in the
+        file and in ``status()["recording"]``. ``options`` are those of ``pipert.recorder.Recording``
+        (``compression``, ``chunk_size``, ``flush_interval``, ``queue``, ``buffer``, ``images``,
+        ``jpeg_quality``, ``overwrite``). Raises RecordError for a bad path, wire or option.
+        """
+        if not self._built or self._closed:
+            raise RecordError("record() needs a running pipe: call pipe.build() first")
+        with self._record_lock:
+            if self._recording is not None and self._recording.state in ("starting", "recording", "stopping"):
+                raise RecordError(f"the pipe already records to {self._recording.path}: stop_recording() first")
+            self._recording = Recording(self, path, wires, **options)
+            return self._recording
+
+    def stop_recording(self) -> Dict[str, Any]:
+        """End the recording: the flows send what they hold, the file is finished. Its final status."""
+        recording = self._recording
+        if recording is None:
+            raise RecordError("the pipe is not recording: start with pipe.record(path)")
+        return recording.stop()
+
     # ----- ending -----
 
     def flow_of(self, routine: str) -> Optional[str]:
@@ -702,6 +733,8 @@ class Pipe:
             if not self._all_exited.wait(self._kill_grace + 0.5):
                 self._terminate_stragglers()
                 self._all_exited.wait(5.0)
+        if self._recording is not None:
+            self._recording.stop()
         if self._zygote is not None:
             self._zygote.stop()
         for state in self._states.values():
@@ -761,4 +794,5 @@ class Pipe:
         for source, destination, flow, key in self._local:
             depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
             wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
-        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}
+        recording = self._recording.status() if self._recording is not None else None
+        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires, "recording": recording}
