@@ -218,6 +218,7 @@ class _FileWriter:
         self.messages: collections.Counter = collections.Counter()
         self.dropped_by: Dict[int, Dict[str, int]] = {}  # connection -> its latest counts
         self.started = time.time()
+        self._bytes = 0
         stats_schema = self._mcap.register_schema(
             "pipert.RecorderStats", "jsonschema", json.dumps(_STATS_SCHEMA).encode("utf-8"))
         self._stats_channel = self._mcap.register_channel(recording.STATS_TOPIC, recording.JSON_ENCODING,
@@ -254,7 +255,7 @@ class _FileWriter:
 
     def counters(self) -> Dict[str, Any]:
         return {"messages": {t: self.messages[t] for t in self._config["wires"]}, "dropped": self.dropped(),
-                "bytes": self._stream.tell()}
+                "bytes": self._bytes}
 
     def write_counters(self) -> None:
         """A message on the counters topic, so that a file cut short still tells what was dropped."""
@@ -263,6 +264,7 @@ class _FileWriter:
 
     def flush(self) -> None:
         self._mcap.flush()
+        self._bytes = self._stream.tell()
 
     def finish(self) -> None:
         self.write_counters()
@@ -273,6 +275,8 @@ class _FileWriter:
         metadata.update({f"dropped.{t}": str(n) for t, n in counters["dropped"].items()})
         self._mcap.add_metadata(recording.METADATA_NAME, metadata)
         self._mcap.finish()
+        self._stream.flush()
+        self._bytes = self._stream.tell()
         self._stream.close()
 
 

@@ -21,6 +21,7 @@ the first incomplete one instead of needing the summary at the end.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import pickle
@@ -140,6 +141,18 @@ def read_messages(path: str, topics: Optional[Sequence[str]] = None, scan: Optio
     if first and scan.error:
         raise ValueError(f"{path} is not a readable MCAP file ({scan.error}): record one with pipe.record() "
                          "or pipert run --record")
+
+
+def in_time_order(messages: Iterator[RecordedMessage], window: int = 32) -> Iterator[RecordedMessage]:
+    """``messages`` sorted by log time, looking ``window`` messages ahead: flows write their messages
+    to the file as they arrive, so topics interleave a little out of order, never by much."""
+    waiting: List[tuple] = []
+    for number, message in enumerate(messages):
+        heapq.heappush(waiting, (message.log_time, number, message))
+        if len(waiting) > window:
+            yield heapq.heappop(waiting)[2]
+    while waiting:
+        yield heapq.heappop(waiting)[2]
 
 
 def info(path: str) -> Dict[str, Any]:

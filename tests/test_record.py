@@ -1,0 +1,289 @@
+"""Record and replay, for real: the demo's synthetic scene and MOG2 detector recorded into MCAP,
+replayed into a fresh detector; a recorder SIGKILLed, a full disk, a bad path; the CLI, RPC and
+HTTP surfaces. Every pipe is shut down and checked for leftover processes and shared memory."""
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import zerorpc
+
+from helpers import Counter, clean_env, free_port, living, pipert_command, wait_for
+from pipert import APIWrapper, DestinationRoutine, Pipe, RPCPipeWrapper, Wire, shm
+from pipert.errors import RecordError
+from pipert.recording import IMAGE_SUFFIX, STATS_TOPIC, in_time_order, info, read_messages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+from video_analytics import Capture, Detector, SyntheticScene  # noqa: E402
+
+SIZE = (320, 240)
+FPS = 30.0
+FRAMES = 45
+
+
+class Boxes(DestinationRoutine):
+    """Writes each frame's detections as a JSON line; tells the source when the stream ended."""
+
+    def __init__(self, path, name="boxes"):
+        super().__init__(name)
+        self.path = path
+
+    def setup(self):
+        self.file = open(self.path, "w", buffering=1)
+
+    def main_logic(self, data):
+        if data.get("end"):
+            self.notify_event("SINK_DONE", sink=self.name)
+            return
+        self.file.write(json.dumps({"frame": data["frame_number"], "boxes": data["boxes"]}) + "\n")
+
+    def cleanup(self):
+        self.file.close()
+
+
+def _logger():
+    logger = logging.getLogger(f"test{uuid.uuid4().hex[:6]}")
+    logger.propagate = False
+    logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def _close(pipe):
+    pipe._shutdown()
+    pids = [s.pid for s in pipe._states.values() if s.pid]
+    recorder = pipe.status()["recording"]
+    if recorder is not None:
+        pids.append(recorder["pid"])
+    assert not living(pids), "flow or recorder processes outlived the pipe"
+    assert not [e for e in shm.leftovers() if f"_{pipe.id}_" in e], "shared memory left behind"
+
+
+def _detection_pipe(source, boxes_path):
+    """source -> MOG2 detector -> boxes, over lossless wires so the detector sees every frame."""
+    pipe = Pipe(logger=_logger())
+    detector, boxes = Detector(), Boxes(boxes_path)
+    pipe.create_flow("capture", False, source)
+    pipe.create_flow("detection", False, detector)
+    pipe.create_flow("output", False, boxes)
+    pipe.link(Wire(source=source, destinations=(detector,), policy="block", depth=4),
+              Wire(source=detector, destinations=(boxes,), policy="block", depth=4))
+    return pipe
+
+
+def _read_boxes(path):
+    with open(path) as f:
+        return {r["frame"]: r["boxes"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """The demo scene run live through the detector, its source and detector wires recorded."""
+    folder = tmp_path_factory.mktemp("live")
+    path, boxes = str(folder / "live.mcap"), str(folder / "live.jsonl")
+    pipe = _detection_pipe(Capture(None, SIZE, FPS, FRAMES, sinks=("boxes",)), boxes)
+    try:
+        pipe.build()
+        recording = pipe.record(path, wires=["source", "detector"], flush_interval=0.2)
+        assert recording.wires == ["source", "detector"]
+        pipe.notify_event("start")
+        pipe.join()  # the source kills the pipe once the sink has seen the end of the stream
+        status = pipe.status()["recording"]
+    finally:
+        _close(pipe)
+    assert status["state"] == "stopped" and status["error"] is None, status
+    return {"path": path, "boxes": _read_boxes(boxes), "status": status}
+
+
+def test_frames_are_bit_exact_and_timed_by_their_source(live):
+    messages = list(read_messages(live["path"], ["source"]))
+    scene = SyntheticScene(*SIZE)
+    frames = [m.value() for m in messages if "frame" in m.value()]
+    assert len(frames) == FRAMES
+    for number, message in enumerate(frames, 1):
+        expected = np.empty((SIZE[1], SIZE[0], 3), np.uint8)
+        scene.render(expected)
+        assert message["frame_number"] == number
+        assert message["frame"].dtype == np.uint8 and np.array_equal(message["frame"], expected)
+    assert messages[-1].value() == {"end": True, "frames": FRAMES}
+    assert messages[-1].encoding == "json"  # plain data stays readable by any MCAP tool
+    times = [m.log_time for m in messages]
+    assert times == sorted(times) and all(m.publish_time >= m.log_time for m in messages)
+    for message in messages[:-1]:  # the source stamps "timestamp" just before it returns the frame
+        assert 0 <= message.log_time / 1e9 - message.value()["timestamp"] < 1.0
+
+
+def test_info_counts_and_foxglove_images(live):
+    summary = info(live["path"])
+    assert summary["complete"] and summary["error"] is None
+    topics = summary["topics"]
+    assert {t: topics[t]["messages"] for t in ("source", "detector")} == {"source": FRAMES + 1,
+                                                                          "detector": FRAMES + 1}
+    assert summary["dropped"] == {"source": 0, "detector": 0} == live["status"]["dropped"]
+    assert live["status"]["messages"] == {"source": FRAMES + 1, "detector": FRAMES + 1}
+    assert 0.5 * FRAMES / FPS < summary["duration"] < 30
+    assert topics["source" + IMAGE_SUFFIX]["schema"] == "foxglove.CompressedImage"
+    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
+    first = next(read_messages(live["path"], ["source" + IMAGE_SUFFIX]))
+    image = CompressedImage.FromString(first.data)
+    assert image.format == "jpeg" and image.frame_id == "source"
+    assert cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_COLOR).shape == (SIZE[1], SIZE[0], 3)
+    assert any(m.topic == STATS_TOPIC for m in read_messages(live["path"]))
+
+
+def test_the_mcap_library_reads_the_file(live):
+    from mcap.reader import make_reader
+    with open(live["path"], "rb") as f:
+        reader = make_reader(f)
+        summary = reader.get_summary()
+        counts = {}
+        for channel, count in summary.statistics.channel_message_counts.items():
+            topic = summary.channels[channel].topic
+            counts[topic] = counts.get(topic, 0) + count
+        metadata = {m.name: m.metadata for m in reader.iter_metadata()}
+        frames = [m for _, _, m in reader.iter_messages(topics=["source"])]
+    assert counts["source"] == len(frames) == FRAMES + 1
+    assert metadata["pipert.recording"]["dropped.detector"] == "0"
+
+
+# ----- failures: the pipe goes on -----
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """A pipe that runs until the module ends: frames from one flow to a sink in another."""
+    pipe = Pipe(logger=_logger())
+    source = Counter(frame_shape=(240, 320, 3), period=0.005, name="frames")
+    sink = Boxes(os.devnull, name="sink")
+    sink.main_logic = lambda data: None
+    pipe.create_flow("a", False, source)
+    pipe.create_flow("b", False, sink)
+    pipe.link(Wire(source=source, destinations=(sink,)))
+    try:
+        pipe.build()
+        pipe.notify_event("start")
+        yield pipe
+    finally:
+        _close(pipe)
+
+
+def _sent(pipe):
+    return pipe.status()["routines"]["frames"]["messages_out"]
+
+
+def _goes_on(pipe):
+    before = _sent(pipe)
+    wait_for(lambda: _sent(pipe) > before + 20)
+    assert all(f["alive"] for f in pipe.status()["flows"].values())
+
+
+def test_sigkilled_recorder_leaves_a_readable_file(running, tmp_path):
+    path = str(tmp_path / "killed.mcap")
+    recording = running.record(path, flush_interval=0.1, compression="zstd")
+    wait_for(lambda: running.status()["recording"]["messages"]["frames"] >= 30)
+    os.kill(recording.pid, signal.SIGKILL)
+    wait_for(lambda: running.status()["recording"]["state"] == "failed")
+    assert "killed by signal 9" in running.status()["recording"]["error"]
+    _goes_on(running)
+    summary = info(path)
+    assert not summary["complete"]
+    values = [m.value() for m in in_time_order(read_messages(path, ["frames"]))]
+    assert len(values) >= 10
+    assert [v["n"] for v in values] == list(range(values[0]["n"], values[0]["n"] + len(values)))
+    assert all(np.array_equal(v["frame"], np.full((240, 320, 3), v["n"] % 251, np.uint8)) for v in values)
+    assert running.stop_recording()["state"] == "failed"
+
+
+def test_full_disk_is_reported_and_the_pipe_goes_on(running, tmp_path):
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        running.record(str(mount / "full.mcap"), flush_interval=0.1, compression="none")
+        wait_for(lambda: running.status()["recording"]["state"] == "failed")
+        assert "No space left on device" in running.status()["recording"]["error"]
+        _goes_on(running)
+        assert running.stop_recording()["state"] == "failed"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_bad_paths_wires_and_options_are_refused(running, tmp_path):
+    with pytest.raises(RecordError, match="no-such-dir.*No such file or directory"):
+        running.record(str(tmp_path / "no-such-dir" / "x.mcap"))
+    with pytest.raises(RecordError, match=r"cannot record wires \['sink'\].*\['frames'\]"):
+        running.record(str(tmp_path / "x.mcap"), wires=["sink"])
+    with pytest.raises(RecordError, match="compression"):
+        running.record(str(tmp_path / "x.mcap"), compression="gzip")
+    (tmp_path / "there.mcap").write_text("keep me")
+    with pytest.raises(RecordError, match="does not exist yet"):
+        running.record(str(tmp_path / "there.mcap"), overwrite=False)
+    assert (tmp_path / "there.mcap").read_text() == "keep me"
+    _goes_on(running)
+
+
+def test_rpc_and_http_start_and_stop(running, tmp_path):
+    http = APIWrapper("127.0.0.1", free_port(), running)
+    http.run()
+    base = f"http://{http.address[0]}:{http.address[1]}"
+    path = str(tmp_path / "http.mcap")
+    reply = requests.post(f"{base}/recording/start", json={"extra_args": {"path": path, "wires": ["frames"]}})
+    assert reply.status_code == 200 and reply.json()["state"] == "recording", reply.text
+    again = requests.post(f"{base}/recording/start", json={"extra_args": {"path": path}})
+    assert again.status_code == 400 and "already records" in again.json()["error"]
+    wait_for(lambda: requests.get(f"{base}/recording").json()["messages"]["frames"] > 5)
+    stopped = requests.post(f"{base}/recording/stop").json()
+    assert stopped["state"] == "stopped" and info(path)["topics"]["frames"]["messages"] == stopped["messages"]["frames"]
+    refused = requests.post(f"{base}/recording/start", json={"extra_args": {"path": path}})
+    assert refused.status_code == 400 and "File exists" in refused.json()["error"]
+
+    server = RPCPipeWrapper(running)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server.bind(endpoint)
+    import gevent
+    serving = gevent.spawn(server.run)
+    client = zerorpc.Client(endpoint, timeout=30)
+    try:
+        rpc_path = str(tmp_path / "rpc.mcap")
+        assert client.start_recording(json.dumps({"path": rpc_path}))["wires"] == ["frames"]
+        wait_for(lambda: client.recording()["messages"]["frames"] > 5)
+        assert client.stop_recording()["state"] == "stopped"
+        with pytest.raises(zerorpc.RemoteError, match="ending in .mcap"):
+            client.start_recording(json.dumps({"path": str(tmp_path / "x.txt")}))
+    finally:
+        client.close()
+        server.stop()
+        serving.kill()
+    assert info(rpc_path)["complete"]
+
+
+# ----- the command line -----
+
+def test_cli_records_and_reads(tmp_path):
+    env = clean_env(PIPERT_DEMO_SECONDS="1", PIPERT_DEMO_SIZE="320x240", PIPERT_DEMO_OUT=str(tmp_path))
+    path = str(tmp_path / "cli.mcap")
+    target = os.path.join(ROOT, "examples", "video_analytics.py") + ":create_pipe"
+    done = subprocess.run(pipert_command() + ["run", target, "--start", "--record", path, "--record-wires",
+                                              "source,tracker"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"recording source, tracker to {path}" in done.stdout
+    assert f"recording {path} stopped: source 31 (dropped 0)" in done.stdout
+    shown = subprocess.run(pipert_command() + ["record", "info", path], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0 and "complete" in shown.stdout, shown.stderr
+    lines = {line.split()[0]: line.split() for line in shown.stdout.splitlines()[3:]}
+    assert lines["source"][1] == "31" and lines["source"][3] == "0" and "tracker/image" in lines
+    printed = subprocess.run(pipert_command() + ["replay", path, "--topic", "source", "--limit", "3"],
+                             capture_output=True, text=True, timeout=30)
+    assert printed.returncode == 0 and len(printed.stdout.splitlines()) == 3
+    assert "'frame': <uint8 array 240x320x3>" in printed.stdout and "source  #1" in printed.stdout
+    missing = subprocess.run(pipert_command() + ["record", "info", str(tmp_path / "none.mcap")],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "No such file" in missing.stderr
