@@ -45,6 +45,7 @@ _REPORT_INTERVAL = 0.5  # seconds between the writer's counter reports, and a ta
 _STOP_GRACE = 0.3  # seconds the writer waits at stop for flows still connecting
 _STOP_WAIT = 5.0  # seconds the writer waits at stop for flows to send what they hold
 _READY_TIMEOUT = 30.0
+_NICE = 10  # the recorder's threads and process run at this nice level: the pipe comes first
 _WRITER_QUEUE = 32  # messages between the writer's socket readers and its file
 _WRITER_COMMAND = "import sys; from pipert.recorder import writer_main; sys.exit(writer_main())"
 _log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class FlowTap:
         return (routine, encoding, log_time, int(sent_time * 1e9)), payload, image
 
     def _encode_loop(self) -> None:
+        _yield_cpu()
         try:
             while not (self._closing and not self._pending):
                 self._wake_encoder.wait()
@@ -143,6 +145,7 @@ class FlowTap:
             self._wake_sender.set()
 
     def _send_loop(self) -> None:
+        _yield_cpu()
         reported: Dict[str, int] = {}
         last_report = 0.0
         try:
@@ -172,6 +175,15 @@ class FlowTap:
             self._encoded.clear()
         finally:
             self._conn.close()
+
+
+def _yield_cpu() -> None:
+    """Lower the calling thread's CPU priority (Linux nice is per thread): on a busy machine the
+    routines get the CPU first and the recording drops, rather than the other way round."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+    except OSError:
+        pass
 
 
 def _compressed_image(frame: Any, topic: str, log_time: int, quality: int) -> bytes:
@@ -333,6 +345,7 @@ def _write(config: Dict[str, Any]) -> int:
     """The writer process: records what the flows send until told to stop; its exit code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us, after the flows have sent all
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(_NICE)
     listener = socket.socket(fileno=config["listener"])
     inbox: "queue.Queue[tuple]" = queue.Queue(_WRITER_QUEUE)
     try:
