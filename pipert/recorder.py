@@ -119,6 +119,8 @@ class FlowTap:
 
     def _encode_loop(self) -> None:
         _yield_cpu()
+        if self._images:
+            _compressed_image_class()  # import now, not while the first messages wait
         try:
             while not (self._closing and not self._pending):
                 self._wake_encoder.wait()
@@ -186,10 +188,14 @@ def _yield_cpu() -> None:
         pass
 
 
+def _compressed_image_class() -> type:
+    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
+    return CompressedImage
+
+
 def _compressed_image(frame: Any, topic: str, log_time: int, quality: int) -> bytes:
     """``frame`` as a serialized foxglove.CompressedImage (JPEG)."""
-    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
-    image = CompressedImage(frame_id=topic, format="jpeg", data=encode_jpeg(frame, quality, None))
+    image = _compressed_image_class()(frame_id=topic, format="jpeg", data=encode_jpeg(frame, quality, None))
     image.timestamp.FromNanoseconds(log_time)
     return image.SerializeToString()
 
@@ -242,9 +248,8 @@ class _FileWriter:
             schema = 0
             if topic.endswith(recording.IMAGE_SUFFIX):
                 if self._image_schema is None:
-                    from foxglove_schemas_protobuf.CompressedImage_pb2 import CompressedImage
                     from mcap_protobuf.schema import register_schema
-                    self._image_schema = register_schema(self._mcap, CompressedImage)
+                    self._image_schema = register_schema(self._mcap, _compressed_image_class())
                 schema = self._image_schema
             wire = self._config["wires"].get(topic.removesuffix(recording.IMAGE_SUFFIX), {})
             self._channels[key] = self._mcap.register_channel(topic, encoding, schema, wire)
@@ -406,7 +411,7 @@ class Recording:
         self.wires = _wires(pipe, wires)
         if compression not in COMPRESSIONS:
             raise RecordError(f"compression {compression!r} is unknown: use one of {COMPRESSIONS}")
-        for name, value, low in (("chunk_size", chunk_size, 1024), ("queue", queue, 1), ("buffer", buffer, 1 << 20)):
+        for name, value, low in (("chunk_size", chunk_size, 1024), ("queue", queue, 1), ("buffer", buffer, 64 << 10)):
             if not isinstance(value, int) or value < low:
                 raise RecordError(f"{name} must be a whole number >= {low}, not {value!r}")
         if not 0 < flush_interval <= 60 or not 0 <= jpeg_quality <= 100:

@@ -69,8 +69,9 @@ def _close(pipe):
 
 
 def _detection_pipe(source, boxes_path):
-    """source -> MOG2 detector -> boxes, over lossless wires so the detector sees every frame."""
-    pipe = Pipe(logger=_logger())
+    """source -> MOG2 detector -> boxes, over lossless wires so the detector sees every frame; pool
+    slots enough for the recorder's deeper queue (see ``live``)."""
+    pipe = Pipe(logger=_logger(), pool_slots=48)
     detector, boxes = Detector(), Boxes(boxes_path)
     pipe.create_flow("capture", False, source)
     pipe.create_flow("detection", False, detector)
@@ -93,14 +94,17 @@ def live(tmp_path_factory):
     pipe = _detection_pipe(Capture(None, SIZE, FPS, FRAMES, sinks=("boxes",)), boxes)
     try:
         pipe.build()
-        recording = pipe.record(path, wires=["source", "detector"], flush_interval=0.2)
+        # a deeper tap queue than the default 4, so that a loaded test machine drops nothing: the
+        # replay test needs every frame
+        recording = pipe.record(path, wires=["source", "detector"], flush_interval=0.2, queue=32)
         assert recording.wires == ["source", "detector"]
         pipe.notify_event("start")
         pipe.join()  # the source kills the pipe once the sink has seen the end of the stream
         status = pipe.status()["recording"]
     finally:
         _close(pipe)
-    assert status["state"] == "stopped" and status["error"] is None, status
+    assert status["state"] == "stopped" and status["error"] is None and status["dropped"] == {
+        "source": 0, "detector": 0}, status
     return {"path": path, "boxes": _read_boxes(boxes), "status": status}
 
 
@@ -217,6 +221,8 @@ def test_full_disk_is_reported_and_the_pipe_goes_on(running, tmp_path):
 
 
 def test_bad_paths_wires_and_options_are_refused(running, tmp_path):
+    with pytest.raises(RecordError, match="call pipe.build"):
+        Pipe(logger=_logger()).record(str(tmp_path / "x.mcap"))
     with pytest.raises(RecordError, match="no-such-dir.*No such file or directory"):
         running.record(str(tmp_path / "no-such-dir" / "x.mcap"))
     with pytest.raises(RecordError, match=r"cannot record wires \['sink'\].*\['frames'\]"):
@@ -228,6 +234,31 @@ def test_bad_paths_wires_and_options_are_refused(running, tmp_path):
         running.record(str(tmp_path / "there.mcap"), overwrite=False)
     assert (tmp_path / "there.mcap").read_text() == "keep me"
     _goes_on(running)
+
+
+def test_drops_are_counted_in_status_and_file(running, tmp_path):
+    path = str(tmp_path / "drops.mcap")
+    running.record(path, buffer=64 << 10)  # every 230 KB frame is over this budget
+    wait_for(lambda: running.status()["recording"]["dropped"]["frames"] >= 20)
+    final = running.stop_recording()
+    assert final["messages"] == {"frames": 0} and final["dropped"]["frames"] >= 20
+    summary = info(path)
+    assert summary["complete"] and summary["dropped"] == final["dropped"]
+    assert summary["recording"]["dropped.frames"] == str(final["dropped"]["frames"])
+
+
+def test_recording_follows_a_restarted_flow(running, tmp_path):
+    path = str(tmp_path / "restart.mcap")
+    running.record(path, images=False)
+    wait_for(lambda: running.status()["recording"]["messages"]["frames"] >= 10)
+    restarts = running.status()["flows"]["a"]["restarts"]
+    os.kill(running.status()["flows"]["a"]["pid"], signal.SIGKILL)
+    wait_for(lambda: running.status()["flows"]["a"]["restarts"] == restarts + 1)
+    counted = running.status()["recording"]["messages"]["frames"]
+    wait_for(lambda: running.status()["recording"]["messages"]["frames"] >= counted + 20)
+    assert running.stop_recording()["state"] == "stopped"
+    numbers = [m.value()["n"] for m in read_messages(path, ["frames"])]
+    assert numbers.count(1) == 1 and 1 in numbers[1:]  # the restarted source counts from 1 again
 
 
 def test_rpc_and_http_start_and_stop(running, tmp_path):
