@@ -3,7 +3,9 @@ from .api import APIWrapper
 from .errors import BuildError, EventError, PipeError, TransportError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, events
 from .log import PIPE_INFRASTRUCTURE
+from .params import Param, ParamError
 from .pipe import EventResult, Pipe
+from .registry import RegistryError, register
 from .routine import DestinationRoutine, MiddleRoutine, Routine, SourceRoutine
 from .rpc import RPCPipeWrapper
 from .socket_logger import get_socket_logger
@@ -11,6 +13,7 @@ from .wire import Wire
 
 __all__ = [
     "APIWrapper", "BuildError", "DestinationRoutine", "EventError", "EventResult", "KILL_EVENT_NAME",
-    "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Pipe", "PipeError", "RPCPipeWrapper", "Routine", "START_EVENT_NAME",
-    "STOP_EVENT_NAME", "SourceRoutine", "TransportError", "Wire", "events", "get_socket_logger",
+    "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Param", "ParamError", "Pipe", "PipeError", "RPCPipeWrapper",
+    "RegistryError", "Routine", "START_EVENT_NAME", "STOP_EVENT_NAME", "SourceRoutine", "TransportError", "Wire",
+    "events", "get_socket_logger", "register",
 ]

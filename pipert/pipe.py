@@ -18,13 +18,14 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from . import shm
 from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
                      STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .params import declared_params, raise_problems, resolve_params
 from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
@@ -128,16 +129,21 @@ class Pipe:
     ``jpeg_quality``. With ``auto_pacing_mechanism`` every source is slowed to
     the capacity of the slowest routine downstream of it times
     ``pacing_multiplier``, so no work is spent on frames that would be dropped.
+
+    ``params`` cascade: each applies to every routine that declares a parameter
+    of that name (see ``pipert.Param``) and does not set it itself.
     """
 
     def __init__(self, logger: Optional[logging.Logger] = None, wire_policy: str = LATEST, wire_depth: int = 1,
                  ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0,
                  auto_pacing_mechanism: bool = False, pacing_multiplier: float = 1.1,
-                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70) -> None:
+                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70,
+                 params: Optional[Dict[str, Any]] = None) -> None:
         if wire_policy not in POLICIES:
             raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
         self.logger = logger if logger is not None else _default_logger()
         self.id = secrets.token_hex(4)
+        self.params: Dict[str, Any] = dict(params or {})
         self.flows: Dict[str, Flow] = {}
         self.wires: List[Wire] = []
         self._flow_list: List[Flow] = []
@@ -259,7 +265,26 @@ class Pipe:
                 raise BuildError(f"routine '{name}' has no outputs: wire it to a destination, or make it a "
                                  "DestinationRoutine")
         self._check_acyclic(edges)
+        self._settle_params(names.values())
         return {name: flow_of[id(routine)] for name, routine in names.items()}
+
+    def _settle_params(self, routines: Iterable[Routine]) -> None:
+        """Fix every routine's parameters (its own, else the pipe's, else defaults); one ParamError
+        lists every missing, unknown or invalid one, so nothing starts with a bad value."""
+        problems: List[str] = []
+        settled = []
+        for routine in routines:
+            values, found = resolve_params(routine.name, type(routine), routine._given, self.params)
+            problems += found
+            settled.append((routine, values))
+        declared = {name for routine, _ in settled for name in declared_params(type(routine))}
+        for name in self.params:
+            if name not in declared:
+                problems.append(f"pipe parameter '{name}' (given {self.params[name]!r}) is declared by no routine: "
+                                f"remove it or check its spelling; routines declare {sorted(declared) or 'none'}")
+        raise_problems(problems)
+        for routine, values in settled:
+            routine._params = values
 
     @staticmethod
     def _check_acyclic(edges: Dict[str, List[str]]) -> None:
@@ -762,16 +787,19 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines and the events they handle (the cockpit's ``pipe_creation`` message)."""
+        """The routines, the events they handle and the parameters they declare (the cockpit's
+        ``pipe_creation`` message)."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
-                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS)}
+                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
             "Events": list(BUILTIN_EVENTS),
         }
 
     def status(self) -> Dict[str, Any]:
-        """Routine states and counters, flow processes, and wire depths and drops, as plain JSON."""
+        """Routine states, counters and parameter values, flow processes, and wire depths and drops, as
+        plain JSON."""
         routines = {}
         for flow in self._flow_list:
             state = self._states.get(flow.name)
@@ -782,7 +810,8 @@ class Pipe:
                     "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
                     "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
                     "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
-                    "error": reported.get("error")}
+                    "error": reported.get("error"), "latency": reported.get("latency"),
+                    "params": reported.get("params", routine.params)}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}

@@ -219,7 +219,7 @@ def test_python_client_targets_events_and_reads_status(daemons, rpc_clients):
     assert {(w["source"], w["destination"]) for w in status["wires"]} == {("ticker", "relay"), ("relay", "sink")}
     assert all(isinstance(w["depth"], int) and isinstance(w["dropped"], int) for w in status["wires"])
     assert all(f["alive"] and f["pid"] in daemon.pids for f in status["flows"].values())
-    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"]} in \
+    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"], "params": {}} in \
         client.structure()["Routines"]
 
     assert client.pause()["event"] == "stop"

@@ -121,9 +121,11 @@ def test_frames_are_bit_exact_and_timed_by_their_source(live):
     assert messages[-1].value() == {"end": True, "frames": FRAMES}
     assert messages[-1].encoding == "json"  # plain data stays readable by any MCAP tool
     times = [m.log_time for m in messages]
-    assert times == sorted(times) and all(m.publish_time >= m.log_time for m in messages)
+    assert times == sorted(times) and all(m.publish_time >= m.log_time - 1e6 for m in messages)
     for message in messages[:-1]:  # the source stamps "timestamp" just before it returns the frame
         assert 0 <= message.log_time / 1e9 - message.value()["timestamp"] < 1.0
+    detected = {m.value().get("frame_number"): m.log_time for m in read_messages(live["path"], ["detector"])}
+    assert {m.value().get("frame_number"): m.log_time for m in messages} == detected  # the source's time
 
 
 def test_info_counts_and_foxglove_images(live):
@@ -318,3 +320,82 @@ def test_cli_records_and_reads(tmp_path):
     missing = subprocess.run(pipert_command() + ["record", "info", str(tmp_path / "none.mcap")],
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "No such file" in missing.stderr
+
+
+# ----- replay -----
+
+def _replay_run(tmp_path, record_path, **params):
+    """The recorded source replayed into a fresh detector; the replay's output recorded too."""
+    from pipert.routines.replay import Replay
+    boxes = str(tmp_path / "replayed.jsonl")
+    replayed = str(tmp_path / "replayed.mcap")
+    pipe = _detection_pipe(Replay(name="source", path=record_path, channel="source", **params), boxes)
+    try:
+        pipe.build()
+        pipe.record(replayed, wires=["source"], images=False)
+        pipe.notify_event("start")
+        wait_for(lambda: os.path.exists(boxes) and len(_read_boxes(boxes)) >= FRAMES and
+                 pipe.status()["routines"]["boxes"]["messages_in"] >= FRAMES + 1, timeout=60)
+        pipe.stop_recording()
+    finally:
+        _close(pipe)
+    return _read_boxes(boxes), list(read_messages(replayed, ["source"]))
+
+
+def test_replay_gives_the_live_detections_with_the_original_timing(live, tmp_path):
+    boxes, messages = _replay_run(tmp_path, live["path"])
+    assert boxes == live["boxes"] and sum(map(len, boxes.values())) > 20  # the scene has moving objects
+    original = list(read_messages(live["path"], ["source"]))
+    assert [m.data for m in messages] == [m.data for m in original]  # bit-exact, end of stream included
+    gaps = np.diff([m.log_time for m in messages]) / 1e6
+    expected = np.diff([m.log_time for m in original]) / 1e6
+    errors = np.abs(gaps - expected)
+    # The claim is 2 ms at rate 1.0 (see bench/record.py); this bound only has to hold on a loaded
+    # 2-core machine shared with other test runs.
+    assert np.median(errors) < 10 and errors.max() < 250, (np.median(errors), errors.max())
+
+
+def test_replay_rate_window_and_loop(live, tmp_path):
+    from pipert.routines.replay import Replay
+    from pipert.registry import lookup
+    assert lookup("replay") is Replay
+    original = [m for m in read_messages(live["path"], ["source"])]
+    origin = next(read_messages(live["path"])).log_time
+    start, end = 0.3, 0.9
+    window = [m.data for m in original if origin + start * 1e9 <= m.log_time < origin + end * 1e9]
+    pipe = Pipe(logger=_logger())
+    replay = Replay(name="source", path=live["path"], channel="source", rate=4.0, loop=True, start=start, end=end)
+    sink = Boxes(os.devnull, name="sink")
+    sink.main_logic = lambda data: None
+    pipe.create_flow("a", True, replay, sink)
+    path = str(tmp_path / "loop.mcap")
+    try:
+        pipe.build()
+        pipe.record(path, images=False, queue=64)
+        pipe.notify_event("start")
+        wait_for(lambda: pipe.status()["recording"]["messages"]["source"] >= 3 * len(window))
+        final = pipe.stop_recording()
+    finally:
+        _close(pipe)
+    assert final["dropped"] == {"source": 0}
+    got = list(read_messages(path, ["source"]))
+    assert [m.data for m in got[:3 * len(window)]] == window * 3
+    spacing = np.median(np.diff([m.log_time for m in got[:len(window)]])) / 1e6
+    assert 1000 / FPS / 4 * 0.5 < spacing < 1000 / FPS / 4 * 2  # four times the original rate
+
+
+def test_replay_reports_a_missing_file_or_channel(live, tmp_path):
+    from pipert.routines.replay import Replay
+    pipe = Pipe(logger=_logger())
+    missing = Replay(name="missing", path=str(tmp_path / "none.mcap"), channel="source")
+    wrong = Replay(name="wrong", path=live["path"], channel="nope")
+    sink, sink2 = Boxes(os.devnull, name="s1"), Boxes(os.devnull, name="s2")
+    pipe.create_flow("a", True, missing, sink)
+    pipe.create_flow("b", True, wrong, sink2)
+    try:
+        pipe.build()
+        result = pipe.send_event("start").wait(20)
+    finally:
+        _close(pipe)
+    assert "there is no recording" in result["errors"]["missing"]
+    assert "no messages on channel 'nope'" in result["errors"]["wrong"] and "'detector'" in result["errors"]["wrong"]

@@ -1,0 +1,5 @@
+"""Ready-made routines, one module each; every module registers its routines on import.
+
+The registry (``pipert.registry``) imports every module of this package at the
+first lookup, so a new module here needs no other change to be found by name.
+"""
