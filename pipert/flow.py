@@ -22,8 +22,10 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TransportError
-from .events import KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, handlers_of
+from .events import (KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME,
+                     handlers_of)
 from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
+from .params import plain
 from .recorder import FlowTap, switch_tap
 from .routine import Routine, SourceRoutine
 from .timing import Histogram, wall_offset
@@ -241,6 +243,8 @@ class _Runner:
             self.log_data = bool(event.params.get("enabled", not self.log_data))
             self.routine.logger.info("sending %s frames to the cockpit: %s", self.routine.name,
                                      "on" if self.log_data else "off")
+        elif event.name == PARAMS_EVENT_NAME:
+            error = self._apply_params(event.params)
         for handler in self.handlers.get(event.name, ()):
             try:
                 handler(**event.params)
@@ -252,6 +256,22 @@ class _Runner:
             self._cleanup()
         self.flow.ack(event.id, self.routine.name, error, self.counters())
         return event.name != KILL_EVENT_NAME
+
+    def _apply_params(self, values: Dict[str, Any]) -> Optional[str]:
+        """Put checked parameter values in force and tell the routine (after its setup; before it,
+        setup sees them); if ``params_changed`` raises, the old values stay. The error, if any."""
+        routine = self.routine
+        old = routine.params
+        routine._params.update(values)
+        if self.setup_done:
+            try:
+                routine.params_changed(dict(values))
+            except Exception as exc:
+                routine._params = old
+                routine.logger.exception("routine '%s' refused parameters %s", routine.name, values)
+                return f"params_changed: {exc!r}"
+        routine.logger.info("parameters of routine '%s' now %s", routine.name, values)
+        return None
 
     def _cleanup(self) -> None:
         self.state = KILLED
@@ -277,6 +297,7 @@ class _Runner:
         median = statistics.median(durations) if durations else 0.0
         return {"state": self.state, "error": self.error, "messages_in": self.messages_in,
                 "messages_out": self.messages_out, "calls": self.calls, "log_data": self.log_data,
+                "params": plain(self.routine.params),
                 "capacity": round(1.0 / median, 2) if median > 0 else None,
                 "paced_fps": round(1.0 / self.auto_interval, 2) if self.auto_interval else None}
 

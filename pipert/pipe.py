@@ -18,14 +18,14 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
 from .errors import BuildError, EventError, RecordError
-from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
-                     STOP_EVENT_NAME, check_params, handlers_of)
+from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
+                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
-from .params import declared_params, raise_problems, resolve_params
+from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
 from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
@@ -33,6 +33,7 @@ from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
 
 _READY_TIMEOUT = 30.0
+PARAMS_TIMEOUT = 10.0  # seconds set_params waits for the routine to apply new values
 _log = logging.getLogger(__name__)
 
 
@@ -158,6 +159,7 @@ class Pipe:
         self._frames_per_second = frames_per_second
         self._jpeg_quality = jpeg_quality
         self._plans: Dict[str, RoutinePlan] = {}
+        self._params_set: Set[str] = set()  # routines whose parameters set_params changed since build
         self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
@@ -201,6 +203,11 @@ class Pipe:
         self.wires.extend(wires)
 
     # ----- validation and build -----
+
+    def validate(self) -> None:
+        """Check the graph and every routine's parameters as ``build()`` does, starting nothing;
+        raises BuildError (ParamError, listing every one, for parameters)."""
+        self._validate()
 
     def _validate(self) -> Dict[str, str]:
         flow_of: Dict[int, str] = {}
@@ -271,7 +278,7 @@ class Pipe:
     def _settle_params(self, routines: Iterable[Routine]) -> None:
         """Fix every routine's parameters (its own, else the pipe's, else defaults); one ParamError
         lists every missing, unknown or invalid one, so nothing starts with a bad value."""
-        problems: List[str] = []
+        problems: List[object] = []
         settled = []
         for routine in routines:
             values, found = resolve_params(routine.name, type(routine), routine._given, self.params)
@@ -508,6 +515,9 @@ class Pipe:
                 self.logger.error("restarted flow '%s' did not start within %.0f s", flow, _READY_TIMEOUT)
                 return
             state.restarts += 1
+            for routine in self.flows[flow].routines:  # the zygote holds the values of build time
+                if routine.name in self._params_set:
+                    self._dispatch(PARAMS_EVENT_NAME, {flow: [routine.name]}, routine.params)
             if self._recording is not None:
                 self._recording.flow_started(flow)
             wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
@@ -688,6 +698,59 @@ class Pipe:
             raise RecordError("the pipe is not recording: start with pipe.record(path)")
         return recording.stop()
 
+    # ----- parameters at runtime -----
+
+    def _routine(self, name: str) -> Routine:
+        for flow in self._flow_list:
+            for routine in flow.routines:
+                if isinstance(routine, Routine) and routine.name == name:
+                    return routine
+        names = sorted(r.name for f in self._flow_list for r in f.routines if isinstance(r, Routine))
+        raise EventError(f"there is no routine '{name}'; routines are {names}")
+
+    def set_params(self, routine: str, /, **values: Any) -> Dict[str, Any]:
+        """Change parameters of ``routine`` and return the values now in force.
+
+        The values are converted and checked first (ParamError names what is wrong, and nothing
+        changes); then the routine applies them in its own thread between two ``main_logic``
+        calls, and calls its ``params_changed``. Waits up to ``PARAMS_TIMEOUT`` seconds for that
+        acknowledgement; a routine that refuses them (its ``params_changed`` raised) keeps its
+        old values and this raises ParamError. Before ``build()`` the values are simply set.
+        """
+        result = self.apply_params(routine, values, PARAMS_TIMEOUT)
+        if result["errors"]:
+            raise ParamError(f"routine '{routine}' did not take parameters {values}: {result['errors'][routine]}")
+        if result["pending"]:
+            raise EventError(f"routine '{routine}' did not apply parameters {values} within {PARAMS_TIMEOUT:.0f} s "
+                             "(is its main_logic stuck?); they apply once it finishes the current call")
+        return result["params"]
+
+    def apply_params(self, routine: str, values: Dict[str, Any], timeout: Optional[float]) -> Dict[str, Any]:
+        """``set_params`` for control surfaces: the acknowledgement (``handled_by``, ``errors``,
+        ``pending``) with ``params``, the values in force after it, instead of exceptions for a refusal
+        by the routine or a timeout. Invalid values raise ParamError."""
+        target = self._routine(routine)
+        declared = declared_params(type(target))
+        if not values:
+            raise ParamError(f"set_params for routine '{routine}' names no parameter: give name=value pairs; its "
+                             f"parameters are {sorted(declared) or 'none'}")
+        changed, problems = convert_params(routine, type(target), values)
+        raise_problems(problems)
+        if not self._built:
+            target._given.update(changed)
+            target._params.update(changed)
+            return {"event": PARAMS_EVENT_NAME, "handled_by": [routine], "errors": {}, "pending": [],
+                    "params": plain(target.params)}
+        if self._killing or self._closed:
+            raise EventError(f"the pipe is being killed or has ended: the parameters of routine '{routine}' can "
+                             "no longer change")
+        ack = self._dispatch(PARAMS_EVENT_NAME, {self._flow_of[routine]: [routine]}, changed).wait(timeout)
+        if not ack["errors"] and not ack["pending"]:
+            target._params.update(changed)
+            self._params_set.add(routine)
+        ack["params"] = self.status()["routines"][routine]["params"]
+        return ack
+
     # ----- ending -----
 
     def flow_of(self, routine: str) -> Optional[str]:
@@ -811,7 +874,7 @@ class Pipe:
                     "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
                     "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
                     "error": reported.get("error"), "latency": reported.get("latency"),
-                    "params": reported.get("params", routine.params)}
+                    "params": reported.get("params", plain(routine.params))}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}

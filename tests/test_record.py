@@ -321,6 +321,27 @@ def test_cli_records_and_reads(tmp_path):
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 1 and "No such file" in missing.stderr
 
+    # the recording stands in for the camera in a pipeline file
+    pipeline, seen = tmp_path / "replay.yaml", tmp_path / "seen.jsonl"
+    pipeline.write_text(f"""
+flows:
+  play: {{routines: [{{name: cam, type: replay, params: {{path: "{path}", channel: source, rate: 4}}}}]}}
+  look: {{routines: [{{name: seen, type: "helpers:Recorder", params: {{path: "{seen}"}}}}]}}
+wires:
+  - {{source: cam, destinations: [seen], policy: block, depth: 4}}
+""")
+    env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__))
+    daemon = subprocess.Popen(pipert_command() + ["run", str(pipeline), "--start"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: seen.exists() and len(seen.read_text().splitlines()) >= 31, timeout=30)
+    finally:
+        daemon.send_signal(signal.SIGINT)
+        output = daemon.communicate(timeout=30)[0]
+    lines = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert [line["frame_number"] for line in lines[:30]] == list(range(1, 31)), output
+    assert lines[30]["end"] is True and lines[0]["frame"]["shape"] == [240, 320, 3]
+
 
 # ----- replay -----
 
