@@ -12,11 +12,12 @@ import time
 from typing import Any, Iterator, Optional
 
 from ..params import Param
-from ..recording import RecordedMessage, info, read_messages
+from ..recording import JSON_ENCODING, PICKLE_ENCODING, STATS_TOPIC, RecordedMessage, info, read_messages
 from ..registry import register
 from ..routine import SourceRoutine
 
 _SLICE = 0.05  # longest sleep in one main_logic call, so that events (stop, kill) are never kept waiting
+_RESUME = 0.25  # seconds late after which the replay goes on from now instead of catching up (after a stop)
 
 
 @register("replay")
@@ -26,8 +27,9 @@ class Replay(SourceRoutine):
     ``rate`` 1.0 keeps the original timing, 2.0 plays twice as fast, 0 as fast as
     the pipe takes them. ``start``/``end`` are offsets in seconds from the first
     message of the recording; ``loop`` starts again at ``start`` after the last
-    message, one average interval later. At the end (without ``loop``) the
-    routine logs it and sends nothing more.
+    message, one average interval later. After a ``stop`` it goes on where it
+    was with the original spacing. At the end (without ``loop``) the routine logs
+    it and sends nothing more.
     """
 
     path = Param(str, help="the recording, an MCAP file made by pipe.record or pipert run --record")
@@ -41,10 +43,10 @@ class Replay(SourceRoutine):
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"replay '{self.name}': there is no recording {self.path}: give the path of an "
                                     "MCAP file made with pipe.record() or pipert run --record")
-        first = next(read_messages(self.path), None)
+        first = next((m for m in read_messages(self.path) if m.topic != STATS_TOPIC), None)
         if first is None or next(read_messages(self.path, [self.channel]), None) is None:
-            topics = [t for t, e in info(self.path)["topics"].items() if "python-pickle-5" in e["encodings"]
-                      or "json" in e["encodings"]]
+            topics = [t for t, e in info(self.path)["topics"].items()
+                      if {PICKLE_ENCODING, JSON_ENCODING} & set(e["encodings"])]
             raise ValueError(f"replay '{self.name}': {self.path} has no messages on channel '{self.channel}'; "
                              f"its channels are {topics}")
         self._origin = first.log_time
@@ -54,15 +56,22 @@ class Replay(SourceRoutine):
 
     def _begin(self) -> None:
         """Start a pass over the chosen part of the recording."""
-        low = self._origin + int(self.start * 1e9)
-        high = None if self.end is None else self._origin + int(self.end * 1e9)
-        self._messages: Iterator[RecordedMessage] = (
-            m for m in read_messages(self.path, [self.channel]) if m.log_time >= low and (high is None or m.log_time < high))
+        self._messages: Iterator[RecordedMessage] = self._window()
         self._next: Optional[RecordedMessage] = None
         self._pass_origin: Optional[int] = None  # log time of this pass's first message
         self._last: Optional[int] = None
         self._emitted = 0
         self._passes += 1
+
+    def _window(self) -> Iterator[RecordedMessage]:
+        """The channel's messages from ``start`` until the first at or after ``end``."""
+        low = self._origin + int(self.start * 1e9)
+        high = None if self.end is None else self._origin + int(self.end * 1e9)
+        for message in read_messages(self.path, [self.channel]):
+            if high is not None and message.log_time >= high:
+                return
+            if message.log_time >= low:
+                yield message
 
     def _due(self, log_time: int) -> float:
         if self.rate == 0:
@@ -79,6 +88,9 @@ class Replay(SourceRoutine):
                 if self._passes == 1 or self.rate == 0:
                     self._clock = time.perf_counter()
         wait = self._due(self._next.log_time) - time.perf_counter()
+        if self.rate and wait < -_RESUME:  # paused by a stop event, or starved of CPU: keep the spacing from here
+            self._clock -= wait
+            wait = 0.0
         if wait > 0:
             time.sleep(min(wait, _SLICE))
             if wait > _SLICE:
