@@ -369,7 +369,8 @@ def _join_all(servers: List[Any]) -> None:
 
 
 def _recording_line(recording: Dict[str, Any]) -> str:
-    counts = ", ".join(f"{w} {recording['messages'][w]} (dropped {recording['dropped'][w]})" for w in recording["wires"])
+    counts = ", ".join(f"{w} {recording['messages'][w]} (dropped {recording['dropped'][w]})"
+                       for w in recording["wires"])
     error = f"; error: {recording['error']}" if recording["error"] else ""
     return f"recording {recording['path']} {recording['state']}: {counts}{error}"
 
@@ -544,8 +545,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         origins, hosts = _access(args, servers, token)
         if args.record_wires and not args.record:
             raise UsageError("--record-wires needs --record FILE.mcap")
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts, args.insecure,
-                   args.record, args.record_wires)
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts,
+                   args.insecure, args.record, args.record_wires)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2
