@@ -414,9 +414,11 @@ class Recording:
         for name, value, low in (("chunk_size", chunk_size, 1024), ("queue", queue, 1), ("buffer", buffer, 64 << 10)):
             if not isinstance(value, int) or value < low:
                 raise RecordError(f"{name} must be a whole number >= {low}, not {value!r}")
-        if not 0 < flush_interval <= 60 or not 0 <= jpeg_quality <= 100:
-            raise RecordError(f"flush_interval must be in (0, 60] seconds (got {flush_interval}) and jpeg_quality "
-                              f"in [0, 100] (got {jpeg_quality})")
+        if not isinstance(images, bool) or not isinstance(flush_interval, (int, float)) \
+                or not isinstance(jpeg_quality, int) or not 0 < flush_interval <= 60 or not 0 <= jpeg_quality <= 100:
+            raise RecordError(f"flush_interval must be a number of seconds in (0, 60] (got {flush_interval!r}), "
+                              f"jpeg_quality a whole number in [0, 100] (got {jpeg_quality!r}) and images true or "
+                              f"false (got {images!r})")
         self.path = os.path.abspath(os.fspath(path))
         self.state = "starting"
         self.error: Optional[str] = None

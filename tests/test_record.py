@@ -231,6 +231,8 @@ def test_bad_paths_wires_and_options_are_refused(running, tmp_path):
         running.record(str(tmp_path / "x.mcap"), wires=["sink"])
     with pytest.raises(RecordError, match="compression"):
         running.record(str(tmp_path / "x.mcap"), compression="gzip")
+    with pytest.raises(RecordError, match="images true or false"):
+        running.record(str(tmp_path / "x.mcap"), images="no")
     (tmp_path / "there.mcap").write_text("keep me")
     with pytest.raises(RecordError, match="does not exist yet"):
         running.record(str(tmp_path / "there.mcap"), overwrite=False)
