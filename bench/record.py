@@ -14,19 +14,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
-
-from pipert import DestinationRoutine, Pipe, SourceRoutine, Wire  # noqa: E402
-from pipert.recording import read_messages  # noqa: E402
-from pipert.routines.replay import Replay  # noqa: E402
-from video_analytics import Capture  # noqa: E402
+from pipert import DestinationRoutine, Pipe, SourceRoutine, Wire
+from pipert.recording import read_messages
+from pipert.routines.replay import Replay
+from pipert.routines.synthetic_scene import SyntheticSceneSource
 
 
 class Frames(SourceRoutine):
@@ -114,7 +110,8 @@ def timing(folder, seconds):
     original = os.path.join(folder, "scene.mcap")
     frames = int(seconds * 30)
     pipe = _quiet_pipe()
-    pipe.create_flow("capture", True, Capture(None, (640, 360), 30.0, frames, sinks=()), Drop(name="sink"))
+    scene = SyntheticSceneSource(name="source", width=640, height=360, fps=30.0, frames=frames, at_end="kill")
+    pipe.create_flow("capture", True, scene, Drop(name="sink"))
     _run_until_done(pipe, original, ["source"],
                     lambda p: p.status()["routines"]["sink"]["messages_in"] >= frames)
     replayed = os.path.join(folder, "replayed.mcap")

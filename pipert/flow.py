@@ -295,7 +295,8 @@ class _Runner:
     def counters(self) -> Dict[str, Any]:
         durations = list(self.durations.last)
         median = statistics.median(durations) if durations else 0.0
-        return {"state": self.state, "error": self.error, "messages_in": self.messages_in,
+        return {"state": self.state, "error": self.error, "condition": self.routine._condition,
+                "messages_in": self.messages_in,
                 "messages_out": self.messages_out, "calls": self.calls, "log_data": self.log_data,
                 "params": plain(self.routine.params),
                 "capacity": round(1.0 / median, 2) if median > 0 else None,

@@ -873,7 +873,8 @@ class Pipe:
                     "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
                     "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
                     "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
-                    "error": reported.get("error"), "latency": reported.get("latency"),
+                    "error": reported.get("error"), "condition": reported.get("condition"),
+                    "latency": reported.get("latency"),
                     "params": reported.get("params", plain(routine.params))}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}

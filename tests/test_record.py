@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
@@ -21,10 +20,10 @@ from pipert import APIWrapper, DestinationRoutine, Pipe, RPCPipeWrapper, Wire, s
 from pipert.errors import RecordError
 from pipert.recording import IMAGE_SUFFIX, STATS_TOPIC, in_time_order, info, read_messages
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples"))
+from pipert.routines.mog2_detector import Mog2Detector
+from pipert.routines.synthetic_scene import SyntheticScene, SyntheticSceneSource
 
-from video_analytics import Capture, Detector, SyntheticScene  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZE = (320, 240)
 FPS = 30.0
@@ -72,7 +71,7 @@ def _detection_pipe(source, boxes_path):
     """source -> MOG2 detector -> boxes, over lossless wires so the detector sees every frame; pool
     slots enough for the recorder's deeper queue (see ``live``)."""
     pipe = Pipe(logger=_logger(), pool_slots=48)
-    detector, boxes = Detector(), Boxes(boxes_path)
+    detector, boxes = Mog2Detector(name="detector"), Boxes(boxes_path)
     pipe.create_flow("capture", False, source)
     pipe.create_flow("detection", False, detector)
     pipe.create_flow("output", False, boxes)
@@ -91,7 +90,9 @@ def live(tmp_path_factory):
     """The demo scene run live through the detector, its source and detector wires recorded."""
     folder = tmp_path_factory.mktemp("live")
     path, boxes = str(folder / "live.mcap"), str(folder / "live.jsonl")
-    pipe = _detection_pipe(Capture(None, SIZE, FPS, FRAMES, sinks=("boxes",)), boxes)
+    scene = SyntheticSceneSource(name="source", width=SIZE[0], height=SIZE[1], fps=FPS, frames=FRAMES, at_end="kill",
+                                 wait_for=["boxes"])
+    pipe = _detection_pipe(scene, boxes)
     try:
         pipe.build()
         # a deeper tap queue than the default 4, so that a loaded test machine drops nothing: the
@@ -118,7 +119,7 @@ def test_frames_are_bit_exact_and_timed_by_their_source(live):
         scene.render(expected)
         assert message["frame_number"] == number
         assert message["frame"].dtype == np.uint8 and np.array_equal(message["frame"], expected)
-    assert messages[-1].value() == {"end": True, "frames": FRAMES}
+    assert messages[-1].value() == {"end": True, "frames": FRAMES, "source": "source", "flow": "capture"}
     assert messages[-1].encoding == "json"  # plain data stays readable by any MCAP tool
     times = [m.log_time for m in messages]
     assert times == sorted(times) and all(m.publish_time >= m.log_time - 1e6 for m in messages)
