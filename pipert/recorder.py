@@ -40,7 +40,7 @@ from . import recording
 from .errors import RecordError
 from .frames import encode_jpeg, find_frame
 
-COMPRESSIONS = ("lz4", "zstd", "none")
+COMPRESSIONS = ("none", "lz4", "zstd")
 _REPORT_INTERVAL = 0.5  # seconds between the writer's counter reports, and a tap's drop reports
 _STOP_GRACE = 0.3  # seconds the writer waits at stop for flows still connecting
 _STOP_WAIT = 5.0  # seconds the writer waits at stop for flows to send what they hold
@@ -404,7 +404,7 @@ def _write(config: Dict[str, Any]) -> int:
 class Recording:
     """A recording of some wires of a built pipe into one MCAP file; made by ``Pipe.record``."""
 
-    def __init__(self, pipe: Any, path: str, wires: Optional[Sequence[str]] = None, compression: str = "lz4",
+    def __init__(self, pipe: Any, path: str, wires: Optional[Sequence[str]] = None, compression: str = "none",
                  chunk_size: int = 4 << 20, flush_interval: float = 1.0, queue: int = 4, buffer: int = 64 << 20,
                  images: bool = True, jpeg_quality: int = 80, overwrite: bool = True) -> None:
         self._pipe = pipe
