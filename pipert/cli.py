@@ -386,7 +386,8 @@ def _time(ns: Optional[int]) -> str:
 def record_info(path: str) -> int:
     """``pipert record info FILE``: topics, message counts, duration, rates, drops."""
     summary = recording_file.info(path)
-    state = "complete" if summary["complete"] else f"cut short, read up to its last complete chunk ({summary['error']})"
+    state = "complete" if summary["complete"] else \
+        f"not finished (still being written, or cut short): read up to its last complete chunk ({summary['error']})"
     print(f"{path}: {state}")
     print(f"  start {_time(summary['start'])}, end {_time(summary['end'])}, duration {summary['duration']:.3f} s")
     print(f"  {'topic':28} {'messages':>9} {'rate/s':>8} {'dropped':>8}  encoding")
