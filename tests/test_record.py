@@ -18,6 +18,7 @@ import zerorpc
 from helpers import Counter, clean_env, free_port, living, pipert_command, wait_for
 from pipert import APIWrapper, DestinationRoutine, Pipe, RPCPipeWrapper, Wire, shm
 from pipert.errors import RecordError
+from pipert.params import ParamError
 from pipert.recording import IMAGE_SUFFIX, STATS_TOPIC, in_time_order, info, read_messages
 
 from pipert.routines.mog2_detector import Mog2Detector
@@ -388,7 +389,7 @@ def test_replay_rate_window_and_loop(live, tmp_path):
     start, end = 0.3, 0.9
     window = [m.data for m in original if origin + start * 1e9 <= m.log_time < origin + end * 1e9]
     pipe = Pipe(logger=_logger())
-    replay = Replay(name="source", path=live["path"], channel="source", rate=4.0, loop=True, start=start, end=end)
+    replay = Replay(name="source", path=live["path"], channel="source", rate=1.0, loop=True, start=start, end=end)
     sink = Boxes(os.devnull, name="sink")
     sink.main_logic = lambda data: None
     pipe.create_flow("a", True, replay, sink)
@@ -397,6 +398,10 @@ def test_replay_rate_window_and_loop(live, tmp_path):
         pipe.build()
         pipe.record(path, images=False, queue=64)
         pipe.notify_event("start")
+        wait_for(lambda: pipe.status()["recording"]["messages"]["source"] >= 2)
+        assert pipe.set_params("source", rate=4.0)["rate"] == 4.0  # from the next message on
+        with pytest.raises(ParamError, match="no messages on channel 'nope'"):
+            pipe.set_params("source", channel="nope")  # refused: the replay goes on as it was
         wait_for(lambda: pipe.status()["recording"]["messages"]["source"] >= 3 * len(window))
         final = pipe.stop_recording()
     finally:
@@ -404,7 +409,7 @@ def test_replay_rate_window_and_loop(live, tmp_path):
     assert final["dropped"] == {"source": 0}
     got = list(read_messages(path, ["source"]))
     assert [m.data for m in got[:3 * len(window)]] == window * 3
-    spacing = np.median(np.diff([m.log_time for m in got[:len(window)]])) / 1e6
+    spacing = np.median(np.diff([m.log_time for m in got[2 * len(window):3 * len(window)]])) / 1e6
     assert 1000 / FPS / 4 * 0.5 < spacing < 1000 / FPS / 4 * 2  # four times the original rate
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from ..params import Param
 from ..recording import JSON_ENCODING, PICKLE_ENCODING, STATS_TOPIC, RecordedMessage, info, read_messages
@@ -28,7 +28,7 @@ class Replay(SourceRoutine):
     the pipe takes them. ``start``/``end`` are offsets in seconds from the first
     message of the recording; ``loop`` starts again at ``start`` after the last
     message, one average interval later. After a ``stop`` it goes on where it
-    was with the original spacing. At the end (without ``loop``) the routine logs
+    was with the original spacing. ``set_params`` may change any of them while it runs. At the end (without ``loop``) the routine logs
     it and sends nothing more.
     """
 
@@ -97,8 +97,17 @@ class Replay(SourceRoutine):
                 return None
         message, self._next = self._next, None
         self._last = message.log_time
+        self._last_due = self._due(message.log_time) if self.rate else time.perf_counter()
         self._emitted += 1
         return message.value()
+
+    def params_changed(self, changed: Dict[str, Any]) -> None:
+        """A new recording, channel or window starts again from ``start`` (a bad one is refused and
+        the old values stay); a new rate applies from the next message on."""
+        if {"path", "channel", "start", "end"} & set(changed):
+            self.setup()
+        elif "rate" in changed and self._last is not None:
+            self._pass_origin, self._clock = self._last, self._last_due
 
     def _at_end(self) -> None:
         if self.loop and self._emitted:
