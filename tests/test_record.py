@@ -376,8 +376,8 @@ def test_replay_gives_the_live_detections_with_the_original_timing(live, tmp_pat
     expected = np.diff([m.log_time for m in original]) / 1e6
     errors = np.abs(gaps - expected)
     # The claim is 2 ms at rate 1.0 (see bench/record.py); this bound only has to hold on a loaded
-    # 2-core machine shared with other test runs.
-    assert np.median(errors) < 10 and errors.max() < 250, (np.median(errors), errors.max())
+    # 2-core machine shared with other test runs: a late message delays the next, it never bursts.
+    assert np.median(errors) < 10 and errors.max() < 1000, (np.median(errors), errors.max())
 
 
 def test_replay_rate_window_and_loop(live, tmp_path):

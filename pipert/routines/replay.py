@@ -17,7 +17,7 @@ from ..registry import register
 from ..routine import SourceRoutine
 
 _SLICE = 0.05  # longest sleep in one main_logic call, so that events (stop, kill) are never kept waiting
-_RESUME = 0.25  # seconds late after which the replay goes on from now instead of catching up (after a stop)
+_LATE = 0.002  # a message later than this (a busy CPU, a stop) moves the timeline instead of causing a burst
 
 
 @register("replay")
@@ -27,8 +27,9 @@ class Replay(SourceRoutine):
     ``rate`` 1.0 keeps the original timing, 2.0 plays twice as fast, 0 as fast as
     the pipe takes them. ``start``/``end`` are offsets in seconds from the first
     message of the recording; ``loop`` starts again at ``start`` after the last
-    message, one average interval later. After a ``stop`` it goes on where it
-    was with the original spacing. ``set_params`` may change any of them while it runs. At the end (without ``loop``) the routine logs
+    message, one average interval later. A message that goes out late (a busy
+    CPU, a ``stop``) delays the ones after it, so the spacing stays the original
+    one and nothing comes in a burst. ``set_params`` may change any of them while it runs. At the end (without ``loop``) the routine logs
     it and sends nothing more.
     """
 
@@ -88,7 +89,7 @@ class Replay(SourceRoutine):
                 if self._passes == 1 or self.rate == 0:
                     self._clock = time.perf_counter()
         wait = self._due(self._next.log_time) - time.perf_counter()
-        if self.rate and wait < -_RESUME:  # paused by a stop event, or starved of CPU: keep the spacing from here
+        if self.rate and wait < -_LATE:  # keep the spacing: what follows is due after this one, not at once
             self._clock -= wait
             wait = 0.0
         if wait > 0:
