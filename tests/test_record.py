@@ -6,10 +6,10 @@ import logging
 import os
 import signal
 import subprocess
-import time
 import uuid
 
 import cv2
+import gevent
 import numpy as np
 import pytest
 import requests
@@ -20,7 +20,6 @@ from pipert import APIWrapper, DestinationRoutine, Pipe, RPCPipeWrapper, Wire, s
 from pipert.errors import RecordError
 from pipert.params import ParamError
 from pipert.recording import IMAGE_SUFFIX, STATS_TOPIC, in_time_order, info, read_messages
-
 from pipert.routines.mog2_detector import Mog2Detector
 from pipert.routines.synthetic_scene import SyntheticScene, SyntheticSceneSource
 
@@ -285,7 +284,6 @@ def test_rpc_and_http_start_and_stop(running, tmp_path):
     server = RPCPipeWrapper(running)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     server.bind(endpoint)
-    import gevent
     serving = gevent.spawn(server.run)
     client = zerorpc.Client(endpoint, timeout=30)
     try:
