@@ -409,7 +409,9 @@ def test_replay_rate_window_and_loop(live, tmp_path):
     got = list(read_messages(path, ["source"]))
     assert [m.data for m in got[:3 * len(window)]] == window * 3
     spacing = np.median(np.diff([m.log_time for m in got[2 * len(window):3 * len(window)]])) / 1e6
-    assert 1000 / FPS / 4 * 0.5 < spacing < 1000 / FPS / 4 * 2  # four times the original rate
+    # rate 4 took effect: no burst (at least half its 8 ms spacing) and well faster than rate 1 (33 ms),
+    # with room for a loaded machine, where late messages delay the following ones
+    assert 1000 / FPS / 4 * 0.5 < spacing < 1000 / FPS * 0.8, spacing
 
 
 def test_replay_reports_a_missing_file_or_channel(live, tmp_path):
