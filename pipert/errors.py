@@ -19,3 +19,7 @@ class TransportError(PipeError):
 
 class ClusterError(PipeError):
     """The cluster a pipe should run on cannot be used (Ray missing or unreachable)."""
+
+
+class RecordError(PipeError):
+    """A recording cannot start: a bad path, wire name or option."""

@@ -22,11 +22,12 @@ from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
 from .bridge import Hub
-from .errors import BuildError, EventError
+from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
                      START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, RUNNING, Flow, RoutinePlan, channel_key, run_flow
 from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
+from .recorder import Recording
 from .replicas import OrderedMerge, ReplicaChooser, instance_names, replica_name
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .signals import STOP_SIGNALS, heeded
@@ -196,6 +197,8 @@ class Pipe:
         self._zygote_lost = False
         self._settled_until = 0.0  # until then, a stop signal reported by a flow needs no new wait
         self._replaced_handlers: Dict[int, Any] = {}
+        self._recording: Optional[Recording] = None
+        self._record_lock = threading.Lock()
 
     _SETTINGS = {"logger": "logger", "wire_policy": "_wire_policy", "wire_depth": "_wire_depth",
                  "ring_capacity": "_ring_capacity", "pool_slots": "_pool_slots", "kill_grace": "_kill_grace",
@@ -718,6 +721,8 @@ class Pipe:
             for routine in self._instances[flow].routines:  # the zygote holds the values of build time
                 if routine.name in self._params_set:
                     self._dispatch(PARAMS_EVENT_NAME, {flow: [routine.name]}, routine.params, processes=True)
+            if self._recording is not None:
+                self._recording.flow_started(flow)
             wanted = [r.name for r in self._instances[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
                 self._dispatch(START_EVENT_NAME, {flow: wanted}, {}, processes=True)
@@ -885,6 +890,32 @@ class Pipe:
             self.logger.warning("event '%s' goes nowhere: no chosen routine handles it", event_name)
         return self._dispatch(event_name, resolved, params)
 
+    # ----- recording -----
+
+    def record(self, path: str, wires: Optional[List[str]] = None, **options: Any) -> Recording:
+        """Record the outputs of the routines ``wires`` (all routines with an output when None) into
+        the MCAP file ``path``, one topic per routine, until ``stop_recording()``, kill or exit.
+
+        Recording never slows the pipe: what it cannot keep up with is dropped and counted, in the
+        file and in ``status()["recording"]``. ``options`` are those of ``pipert.recorder.Recording``
+        (``compression``, ``chunk_size``, ``flush_interval``, ``queue``, ``buffer``, ``images``,
+        ``jpeg_quality``, ``overwrite``). Raises RecordError for a bad path, wire or option.
+        """
+        if not self._built or self._closed:
+            raise RecordError("record() needs a running pipe: call pipe.build() first")
+        with self._record_lock:
+            if self._recording is not None and self._recording.state in ("starting", "recording", "stopping"):
+                raise RecordError(f"the pipe already records to {self._recording.path}: stop_recording() first")
+            self._recording = Recording(self, path, wires, **options)
+            return self._recording
+
+    def stop_recording(self) -> Dict[str, Any]:
+        """End the recording: the flows send what they hold, the file is finished. Its final status."""
+        recording = self._recording
+        if recording is None:
+            raise RecordError("the pipe is not recording: start with pipe.record(path)")
+        return recording.stop()
+
     # ----- parameters at runtime -----
 
     def _routine(self, name: str) -> Routine:
@@ -940,6 +971,14 @@ class Pipe:
         return ack
 
     # ----- ending -----
+
+    def processes_of(self, flow: str) -> List[str]:
+        """The names of a built flow's processes: its own name, or ``flow/0`` .. with replicas."""
+        return list(self._instance_names.get(flow, [flow]))
+
+    def flow_of_process(self, process: str) -> str:
+        """The flow a process named by ``processes_of`` runs."""
+        return self._instances[process].name
 
     def flow_of(self, routine: str) -> Optional[str]:
         """The name of the flow that runs ``routine`` once built, or None if there is no such routine."""
@@ -1032,6 +1071,8 @@ class Pipe:
             if not self._all_exited.wait(self._kill_grace + 0.5):
                 self._terminate_stragglers()
                 self._all_exited.wait(5.0)
+        if self._recording is not None:
+            self._recording.stop()
         if self._cluster is not None:
             self._cluster.stop()
         if self._hub is not None:
@@ -1129,7 +1170,8 @@ class Pipe:
                               "depth": depth, "dropped": dropped})
         if self._cluster is not None:
             wires = self._cluster.wires(wires)
-        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}
+        recording = self._recording.status() if self._recording is not None else None
+        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires, "recording": recording}
 
     def _qualified(self, routine: str, instance: str) -> str:
         return replica_name(routine, instance, self._instances[instance].name)
