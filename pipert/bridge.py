@@ -23,6 +23,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -162,8 +163,12 @@ class _BridgeOut(threading.Thread):
         self._pool.release_record(record, self._receiver)
 
     def close(self) -> None:
+        """Wake the thread from a blocking send (at the end of the pipe)."""
         if self._conn is not None:
-            self._conn.close()
+            try:
+                self._conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _BridgeIn(threading.Thread):
@@ -323,6 +328,7 @@ class Hub:
             inbound = list(self._inbound)
         for bridge in inbound:
             bridge.interrupt()
+        deadline = time.monotonic() + 2.0
         for bridge in self._outgoing + inbound:
             if bridge.is_alive():
-                bridge.join(2.0)
+                bridge.join(max(deadline - time.monotonic(), 0.0))

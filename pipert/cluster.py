@@ -242,8 +242,9 @@ class Cluster:
     def _place(self, instances: List[str]) -> Dict[str, Dict[str, str]]:
         """Reserve each flow process's resources with an actor Ray places; the node each landed on.
 
-        An actor that dies before it runs (Ray placed it on a node that was just lost) is
-        placed again, until ``PLACE_TIMEOUT``."""
+        An actor that dies before it runs (Ray placed it on a node that was just lost, before it
+        noticed) is placed again, until ``PLACE_TIMEOUT``. (No ``ray.nodes()`` here: it runs in a
+        background thread, and Ray's global state client is not safe to use from two threads.)"""
         ray = self.ray
         agent_class = ray.remote(_Agent)
         deadline = time.monotonic() + PLACE_TIMEOUT
@@ -447,10 +448,6 @@ class Cluster:
         """Run a lost node's flow processes on another node with their resources, or mark them dead."""
         pipe, ray = self._pipe, self.ray
         instances = self._hosts.pop(lost, [])
-        node_id = self._nodes[lost]["node_id"]
-        deadline = time.monotonic() + PLACE_TIMEOUT  # Ray must know the node is dead before it places again
-        while time.monotonic() < deadline and any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
-            time.sleep(0.2)
         for instance in instances:
             try:
                 ray.kill(self._holders.pop(instance))
