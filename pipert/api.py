@@ -8,6 +8,8 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /pipe/structure  /status                         the pipe's structure and counters
     /routines/<routine>/events/<event>/execute       send <event> to one routine
     /routines/events/<event>/execute                 send <event> to every routine handling it
+    /metrics                                         Prometheus metrics (text format)
+    /healthz  /readyz                                health probes (no token needed)
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
@@ -16,7 +18,8 @@ acknowledgement ``{"event", "handled_by", "errors", "pending"}``, or
 ``{"error": "..."}`` with a 4xx status for bad input (400, 413 over 1 MB), a
 missing or wrong token (401), an unknown route or routine (404) or method
 (405). CORS is open so the cockpit's browser page can call the API; preflight
-requests need no token.
+requests need no token. ``/readyz`` answers 200 ``{"ready": true, "reasons": []}``
+or 503 with the reasons the pipeline is not ready.
 
 The server is gevent's WSGI server on its own thread and hub; blocking waits
 run on that hub's thread pool, so a slow event handler never delays other
@@ -24,6 +27,8 @@ requests. Only JSON is parsed: nothing received is ever unpickled.
 """
 from __future__ import annotations
 
+import dataclasses
+import http
 import json
 import logging
 import re
@@ -38,6 +43,8 @@ from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from .control import Control, ControlError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
+from .health import readiness
+from .metrics import exposition
 from .pipe import Pipe
 
 _MAX_BODY = 1 << 20
@@ -65,9 +72,13 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/status"), "status"),
     (_route("/routines/events/<event>/execute"), "execute_all"),
     (_route("/routines/<routine>/events/<event>/execute"), "execute_routine"),
+    (_route("/metrics"), "metrics"),
+    (_route("/healthz"), "healthz"),
+    (_route("/readyz"), "readyz"),
 ]
+_PROBES = ("healthz", "readyz")  # answered without the token: health probes carry none
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
-              "/routines/events/<event>/execute"
+              "/routines/events/<event>/execute, /metrics, /healthz, /readyz"
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -101,6 +112,15 @@ def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(extra, dict):
         raise ControlError(f"\"extra_args\" must be a JSON object of event parameters, not {json.dumps(extra)[:200]}")
     return extra
+
+
+@dataclasses.dataclass
+class _Reply:
+    """A response that is not a JSON document with status 200 (metrics, a failing probe)."""
+
+    status: int
+    body: bytes
+    content_type: str
 
 
 class _Handler(WSGIHandler):
@@ -195,11 +215,17 @@ class APIWrapper:
             if method == "OPTIONS":  # a browser's CORS preflight: it carries no credentials
                 self._find(path)
                 return self._respond(start_response, 204, None, _PREFLIGHT)
-            self.control.authorize(_request_token(environ), _TOKEN_HELP)
+            if not any(name in _PROBES and pattern.fullmatch(path) for pattern, name in _ROUTES):
+                self.control.authorize(_request_token(environ), _TOKEN_HELP)
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
-            return self._respond(start_response, 200, handler(_extra_args(environ), **match))
+            reply = handler(_extra_args(environ), **match)
+            if isinstance(reply, _Reply):
+                start_response(f"{reply.status} {http.HTTPStatus(reply.status).phrase}",
+                               [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))])
+                return [reply.body]
+            return self._respond(start_response, 200, reply)
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -258,6 +284,18 @@ class APIWrapper:
         if event == KILL_EVENT_NAME:  # the cockpit's "kill" for the whole pipe: as /kill
             return self._kill(extra_args)
         return self.control.send(event, None, extra_args)
+
+    def _metrics(self, extra_args: Dict[str, Any]) -> _Reply:
+        self._no_arguments("/metrics", extra_args)
+        return _Reply(200, *exposition(self.control.pipe))
+
+    def _healthz(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        return {"status": "serving", "pipe": self.control.pipe.id}
+
+    def _readyz(self, extra_args: Dict[str, Any]) -> _Reply:
+        reasons = readiness(self.control.pipe)
+        document = {"ready": not reasons, "reasons": reasons}
+        return _Reply(503 if reasons else 200, json.dumps(document).encode("utf-8"), "application/json")
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)
