@@ -46,6 +46,7 @@ class Totals:
         """Move the counts out of the last reports of a process that ended (``routines`` by routine,
         ``channels`` as (depth, dropped) by channel key) into the totals."""
         for name, reported in routines.items():
+            reported["fps"] = 0.0  # the process is gone: nothing runs
             carried = self._routines.setdefault(name, {})
             for key in COUNTERS:
                 carried[key] = carried.get(key, 0) + reported.pop(key, 0)

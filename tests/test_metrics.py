@@ -149,34 +149,33 @@ class Stamped(SourceRoutine):
         return {"t": time.time()}
 
 
-class Slow(MiddleRoutine):
-    """Writes the true age of what it receives to a file, then takes 20 ms."""
+class AgeLog:
+    """Writes the true age of what it receives to a file, then takes ``delay`` seconds."""
 
-    def __init__(self, path, name):
+    def __init__(self, path, name, delay=0.0):
         super().__init__(name)
         self.path = path
+        self.delay = delay
 
     def main_logic(self, data):
         with open(self.path, "a") as f:
             f.write(json.dumps({"age": time.time() - data["t"]}) + "\n")
-        time.sleep(0.02)
+        time.sleep(self.delay)
         return data
 
 
-class Aged(DestinationRoutine):
-    def __init__(self, path, name):
-        super().__init__(name)
-        self.path = path
+class Slow(AgeLog, MiddleRoutine):
+    pass
 
-    def main_logic(self, data):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"age": time.time() - data["t"]}) + "\n")
+
+class Aged(AgeLog, DestinationRoutine):
+    pass
 
 
 def test_latency_of_a_paced_pipeline_with_a_slow_middle_routine(make_pipe, tmp_path):
     middle_path, sink_path = str(tmp_path / "middle.jsonl"), str(tmp_path / "sink.jsonl")
     pipe = make_pipe()
-    source, middle, sink = Stamped(name="stamped"), Slow(middle_path, "slow"), Aged(sink_path, "aged")
+    source, middle, sink = Stamped(name="stamped"), Slow(middle_path, "slow", delay=0.02), Aged(sink_path, "aged")
     pipe.create_flow("front", True, source, middle)  # source -> middle through a local channel
     pipe.create_flow("back", False, sink)  # middle -> sink through shared memory
     pipe.link(Wire(source=middle, destinations=(sink,)))
