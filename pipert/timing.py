@@ -15,7 +15,6 @@ time, so stamping a message and taking its age cost no clock reads of their own.
 """
 from __future__ import annotations
 
-import array
 import collections
 import time
 from typing import Dict, List, Optional
@@ -39,17 +38,15 @@ def wall_offset() -> float:
 class Histogram:
     """Cumulative bucket counts and sum of one quantity, plus its values of the last few reports.
 
-    ``samples`` is the array of doubles the measuring thread appends to (it
-    may keep its bound ``append``; an array keeps no float objects alive);
-    ``fold``, on another thread, copies the values there are and deletes them
-    from the front. Under the GIL both are atomic array operations and no
-    buffer of the shared array is ever exported (which would make an append
-    fail), so no value is lost or counted twice.
+    ``samples`` is the list the measuring thread appends to (it may keep its
+    bound ``append``); ``fold``, on another thread, takes the values there
+    are and deletes them from the front of the list. Under the GIL both are
+    atomic list operations, so no value is lost or counted twice.
     """
 
     def __init__(self, bounds: tuple = BUCKETS) -> None:
         self.bounds = np.asarray(bounds, dtype=float)
-        self.samples = array.array("d")
+        self.samples: List[float] = []
         self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # per bucket; the last one is +Inf
         self.sum = 0.0
         self.last: collections.deque = collections.deque(maxlen=LAST)  # the latest values, oldest first
@@ -59,7 +56,7 @@ class Histogram:
         """Count the values appended since the last fold."""
         taken = self.samples[:]
         del self.samples[:len(taken)]
-        values = np.frombuffer(taken, dtype=float)
+        values = np.array(taken, dtype=float)
         if len(values):
             self.counts += np.bincount(np.searchsorted(self.bounds, values, side="left"),
                                        minlength=len(self.counts))
