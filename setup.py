@@ -22,10 +22,12 @@ setup(
         "PyYAML",
         "prometheus-client",
         "mcap",
+        "mcap-protobuf-support",
+        "foxglove-schemas-protobuf",
     ],
     extras_require={
         "ray": ["ray>=2.40"],
-        "test": ["pytest", "pytest-timeout", "playwright", "ray>=2.40"],
+        "test": ["pytest", "pytest-timeout", "playwright", "ray>=2.40", "wheel"],
     },
     entry_points={"console_scripts": ["pipert=pipert.cli:main"]},
 )

@@ -35,8 +35,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
+from . import security
 from .errors import PipeError
-from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
+from .events import KILL_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
 TARGET_KEYS = ("flows", "routines")
@@ -181,9 +182,18 @@ class Control:
 
     def send(self, name: Any, targets: Optional[Dict[str, List[str]]] = None,
              params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """Send event ``name`` to ``targets`` ({flow: [routine]}, None = all) and wait for its acknowledgement."""
+        """Send event ``name`` to ``targets`` ({flow: [routine]}, None = all) and wait for its acknowledgement.
+
+        The event ``set_params`` to one routine is ``set_params`` (so the cockpit's event routes set parameters).
+        """
         if not isinstance(name, str) or not name:
             raise ControlError(f"event name {name!r} must be a non-empty string, e.g. 'start' or 'PING'")
+        if name == PARAMS_EVENT_NAME:
+            routines = [routine for chosen in (targets or {}).values() for routine in chosen]
+            if len(routines) != 1:
+                raise ControlError(f"'{PARAMS_EVENT_NAME}' goes to exactly one routine, named in \"routines\": e.g. "
+                                   f"execute {PARAMS_EVENT_NAME} '{{\"routines\": [\"det\"], \"min_area\": 800}}'")
+            return self.set_params(routines[0], params)
         return self._off_hub(self._send_and_wait, name, targets, dict(params or {}))
 
     def execute(self, name: Any, arguments: Any = None) -> Dict[str, Any]:
@@ -208,6 +218,21 @@ class Control:
     def pause(self) -> Dict[str, Any]:
         """Pause every routine (the ``stop`` event); ``start`` resumes them."""
         return self.send(STOP_EVENT_NAME)
+
+    # ----- parameters -----
+
+    def set_params(self, routine: Any, arguments: Any = None) -> Dict[str, Any]:
+        """Change parameters of ``routine``: ``arguments`` is a JSON object ``{name: value}`` (text is
+        converted to the declared types). Waits until the routine applied them, between two
+        ``main_logic`` calls; returns the acknowledgement with ``params``, the values now in force."""
+        if not isinstance(routine, str) or not routine:
+            raise ControlError(f"routine name {routine!r} must be a non-empty string")
+        self.flow_of(routine)
+        values = parse_arguments(arguments, f"set_params of routine '{routine}'")
+        try:
+            return self._off_hub(self.pipe.apply_params, routine, values, self.ack_timeout)
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
 
     # ----- ending -----
 
@@ -239,6 +264,38 @@ class Control:
             raise ControlError(str(exc)) from None
         return {"flows": self.pipe.status()["flows"]}
 
+    # ----- recording -----
+
+    def start_recording(self, arguments: Any = None) -> Dict[str, Any]:
+        """Start recording: ``{"path": "run.mcap", "wires": ["cam", "det"]}`` plus any option of
+        ``Pipe.record`` but ``overwrite``: a control surface never replaces an existing file, and its
+        path must end in ``.mcap``. Returns the recording's status."""
+        options = parse_arguments(arguments, "start_recording")
+        path = options.pop("path", None)
+        if not isinstance(path, str) or not path.endswith(".mcap"):
+            raise ControlError(f'start_recording needs "path", a file name ending in .mcap (got {path!r}), e.g. '
+                               '{"path": "run.mcap", "wires": ["cam"]}')
+        if "overwrite" in options:
+            raise ControlError("a recording started over RPC or HTTP never overwrites a file: choose a new path")
+        try:
+            return self._off_hub(lambda: self.pipe.record(path, overwrite=False, **options).status())
+        except TypeError as exc:
+            raise ControlError(f"start_recording: {exc}: options are path, wires, compression, chunk_size, "
+                               "flush_interval, queue, buffer, images, jpeg_quality") from None
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
+
+    def stop_recording(self) -> Dict[str, Any]:
+        """Stop the recording and finish its file; its final status."""
+        try:
+            return self._off_hub(self.pipe.stop_recording)
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
+
+    def recording(self) -> Dict[str, Any]:
+        """The status of the recording (the latest one, if none runs); ``{"state": "none"}`` if never."""
+        return self.pipe.status()["recording"] or {"state": "none"}
+
     # ----- introspection -----
 
     def structure(self) -> Dict[str, Any]:
@@ -246,6 +303,7 @@ class Control:
         return self.pipe.structure()
 
     def status(self) -> Dict[str, Any]:
-        """Per routine state, messages in/out and FPS; per wire depth and drops; per flow pid and alive."""
-        return self.pipe.status()
+        """Per routine state, messages in/out and FPS; per wire depth and drops; per flow pid and alive;
+        ``insecure`` (and a ``security_warning``) when a control server runs without a token off loopback."""
+        return {**self.pipe.status(), **security.exposure(self.pipe)}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import json
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import BuildError
@@ -30,6 +31,7 @@ class _Required:
 REQUIRED: Any = _Required()
 """The default of a parameter that has none: it must be set."""
 
+_RESERVED = ("name", "flow_name", "logger", "params")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -71,6 +73,10 @@ class Param:
     # ----- declaration -----
 
     def __set_name__(self, owner: type, name: str) -> None:
+        if name in _RESERVED or any(name in vars(base) and not isinstance(vars(base)[name], Param)
+                                    for base in owner.__mro__[1:] if base.__module__.startswith("pipert.")):
+            raise TypeError(f"{owner.__name__}.{name}: '{name}' is a routine attribute of pipert's own: give the "
+                            "parameter another name")
         self.name = name
         self.owner = owner.__name__
 
@@ -190,14 +196,26 @@ class Param:
         """This parameter as plain JSON: type, default (absent if required), bounds, choices, help."""
         described: Dict[str, Any] = {"type": self.type.__name__, "required": self.required, "help": self.help}
         if not self.required:
-            described["default"] = self.default
+            described["default"] = plain(self.default)
         for key in ("min", "max", "choices"):
             if getattr(self, key) is not None:
-                described[key] = list(self.choices) if key == "choices" else getattr(self, key)
+                described[key] = plain(list(self.choices) if key == "choices" else getattr(self, key))
         return described
 
     def __repr__(self) -> str:
         return f"Param({self.expected()}, default={self.default!r})"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON can carry it (for status, structure and the control surfaces): values of
+    other types (a ``Path`` parameter, say) become their text."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    return str(value)
 
 
 def declared_params(cls: type) -> Dict[str, Param]:
@@ -210,43 +228,73 @@ def declared_params(cls: type) -> Dict[str, Param]:
     return found
 
 
-def resolve_params(routine: str, cls: type, given: Mapping[str, Any],
-            cascaded: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, Any], List[str]]:
-    """The values of ``cls``'s parameters for ``routine``, and the problems found (all of them).
+@dataclass(frozen=True)
+class ParamProblem:
+    """One parameter problem: ``origin`` is ``given`` (the routine's own value, or an unknown name),
+    ``pipe`` (a cascaded value) or ``missing`` (a required parameter without value)."""
+
+    param: str
+    origin: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def convert_params(routine: str, cls: type, given: Mapping[str, Any],
+                   arguments: Sequence[str] = ()) -> Tuple[Dict[str, Any], List[ParamProblem]]:
+    """``given`` values for ``routine`` converted to the types ``cls`` declares, and the problems found
+    (unknown names, values that do not fit), all of them. Names in ``arguments`` (those of the class's
+    own constructor) are known too, and kept as given."""
+    params = declared_params(cls)
+    where = f"routine '{routine}' ({cls.__name__})"
+    converted: Dict[str, Any] = {}
+    problems: List[ParamProblem] = []
+    for name, value in given.items():
+        if name in params:
+            try:
+                converted[name] = params[name].convert(value)
+            except ValueError as exc:
+                problems.append(ParamProblem(name, "given", f"{where}: {exc}"))
+        elif name in arguments:
+            converted[name] = value
+        else:
+            known = ", ".join(sorted([*params, *arguments])) or "none"
+            problems.append(ParamProblem(name, "given", f"{where}: unknown parameter '{name}' (given {value!r}); "
+                                                        f"its parameters are: {known}"))
+    return converted, problems
+
+
+def resolve_params(routine: str, cls: type, given: Mapping[str, Any], cascaded: Optional[Mapping[str, Any]] = None,
+                   arguments: Sequence[str] = ()) -> Tuple[Dict[str, Any], List[ParamProblem]]:
+    """The values of all of ``cls``'s parameters for ``routine``, and the problems found (all of them).
 
     ``given`` (the routine's own values) win over ``cascaded`` (the pipe's, applied
-    only to parameters the class declares), which win over defaults.
+    only to parameters the class declares), which win over defaults. ``arguments``
+    as for ``convert_params``.
     """
-    params = declared_params(cls)
-    values: Dict[str, Any] = {}
-    problems: List[str] = []
+    values, problems = convert_params(routine, cls, given, arguments)
     where = f"routine '{routine}' ({cls.__name__})"
-    for name in given:
-        if name not in params:
-            known = ", ".join(sorted(params)) or "none"
-            problems.append(f"{where}: unknown parameter '{name}' (given {given[name]!r}); its parameters are: "
-                            f"{known}")
-    for name, param in params.items():
+    for name, param in declared_params(cls).items():
         if name in given:
-            value, origin = given[name], ""
-        elif cascaded is not None and name in cascaded:
-            value, origin = cascaded[name], " (from the pipe's params)"
-        elif param.required:
-            problems.append(f"{where}: parameter '{name}' is required ({param.expected()}) and was not set: "
-                            f"set it, e.g. {name}=...")
             continue
+        if cascaded is not None and name in cascaded:
+            try:
+                values[name] = param.convert(cascaded[name])
+            except ValueError as exc:
+                problems.append(ParamProblem(name, "pipe", f"{where}: {exc} (from the pipe's params)"))
+        elif param.required:
+            problems.append(ParamProblem(name, "missing", f"{where}: parameter '{name}' is required "
+                                                          f"({param.expected()}) and was not set: set it, e.g. "
+                                                          f"{name}=..."))
         else:
             values[name] = param.default
-            continue
-        try:
-            values[name] = param.convert(value)
-        except ValueError as exc:
-            problems.append(f"{where}: {exc}{origin}")
     return values, problems
 
 
-def raise_problems(problems: Sequence[str]) -> None:
+def raise_problems(problems: Sequence[object]) -> None:
     """Raise one ParamError listing every problem, if there are any."""
     if problems:
-        raise ParamError(problems[0] if len(problems) == 1 else
-                         f"{len(problems)} parameter problems:\n  " + "\n  ".join(problems))
+        lines = [str(problem) for problem in problems]
+        raise ParamError(lines[0] if len(lines) == 1 else
+                         f"{len(lines)} parameter problems:\n  " + "\n  ".join(lines))

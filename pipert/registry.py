@@ -100,7 +100,7 @@ def _load_builtin() -> None:
             importlib.import_module(module.name)
         except Exception as exc:
             _failures[module.name] = f"{type(exc).__name__}: {exc}"
-            _log.error("ready-made routine module %s failed to load: %s", module.name, exc)
+            _log.warning("ready-made routine module %s failed to load: %s", module.name, exc)
 
 
 def _load_entry_point(entry_point: importlib.metadata.EntryPoint) -> None:
@@ -129,7 +129,7 @@ def load_plugins() -> None:
             except Exception as exc:
                 distribution = entry_point.dist.name if entry_point.dist is not None else "?"
                 _failures[f"{label} (package {distribution})"] = f"{type(exc).__name__}: {exc}"
-                _log.error("routine plugin %s (package %s) failed to load: %s", label, distribution, exc)
+                _log.warning("routine plugin %s (package %s) failed to load: %s", label, distribution, exc)
 
 
 def routines() -> Dict[str, Registered]:

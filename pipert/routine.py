@@ -46,6 +46,7 @@ class Routine:
         self.logger = logging.getLogger(f"pipert.{self.name}")
         self._runtime: Any = None
         self._const_fps: Optional[float] = None
+        self._condition: Optional[str] = None
 
     @property
     def params(self) -> Dict[str, Any]:
@@ -56,6 +57,11 @@ class Routine:
         """Called in the routine's thread, between two ``main_logic`` calls, after ``pipe.set_params``
         changed ``changed`` (new values by name; already in force). Override it to rebuild what
         depends on them; if it raises, the old values are restored and the caller gets the error."""
+
+    def set_condition(self, condition: Optional[str]) -> None:
+        """Say what keeps this routine from working normally right now (``"reconnecting to ..."``),
+        or None once it works again; ``status()`` shows it as the routine's ``condition``."""
+        self._condition = condition
 
     def set_const_fps(self, fps: Optional[float]) -> None:
         """Cap this routine at ``fps`` calls of ``main_logic`` per second (None or 0: no cap).

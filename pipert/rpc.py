@@ -2,8 +2,10 @@
 
 ``RPCPipeWrapper(pipe).run_rpc_server("tcp://127.0.0.1:4242")`` serves the
 methods ``execute(name, arguments)``, ``start``, ``pause``, ``kill``,
-``join(arguments)``, ``structure`` and ``status`` (see ``pipert.control`` for the
-form of ``execute``'s arguments and for what each returns). Bad input comes
+``join(arguments)``, ``set_params(routine, arguments)``, ``structure``, ``status``,
+``start_recording(arguments)``, ``stop_recording`` and ``recording`` (see
+``pipert.control`` for the form of ``execute``'s arguments and for what each
+returns). Bad input comes
 back to the caller as a ``zerorpc.RemoteError`` named ``ControlError``; the
 server and the pipe go on. zerorpc speaks msgpack: nothing received is ever
 unpickled.
@@ -25,6 +27,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import gevent
 import zerorpc
 
+from . import security
 from .control import Control, ControlError
 from .pipe import Pipe
 
@@ -79,18 +82,27 @@ def _introspectable(method: Callable) -> Callable:
 class RPCPipeWrapper(zerorpc.Server):
     """A zerorpc server that controls ``pipe``; with ``token`` set it refuses calls that lack it.
 
-    ``ack_timeout`` bounds how long a call waits for an event's acknowledgements.
+    ``ack_timeout`` bounds how long a call waits for an event's acknowledgements. Binding to a
+    non-loopback address needs a ``token``, or ``insecure=True``.
     """
 
-    COMMANDS = ("execute", "start", "pause", "kill", "join", "structure", "status")
+    COMMANDS = ("execute", "start", "pause", "kill", "join", "set_params", "structure", "status",
+                "start_recording", "stop_recording", "recording")
 
     def __init__(self, pipe: Pipe, token: Optional[str] = None, ack_timeout: float = 10.0,
-                 heartbeat: int = 5) -> None:
+                 heartbeat: int = 5, insecure: bool = False) -> None:
         self.control = Control(pipe, token, ack_timeout)
+        self.insecure = insecure
         context = zerorpc.Context()
         context.register_middleware(_CheckToken(self.control))
         methods = {name: getattr(self, name) for name in self.COMMANDS}
         super().__init__(methods=methods, name="pipert", context=context, heartbeat=heartbeat)
+
+    def bind(self, endpoint: str, resolve: bool = True) -> None:
+        """Listen on ``endpoint``; refused (``security.InsecureBindingError``) off loopback without a token."""
+        security.check_exposure(self.control.pipe, f"RPC on {endpoint}", security.endpoint_host(endpoint),
+                                self.control.token, self.insecure)
+        super().bind(endpoint, resolve)
 
     def run_rpc_server(self, endpoint: str) -> None:
         """Bind to ``endpoint`` (e.g. ``tcp://127.0.0.1:4242``) and serve until the pipeline has ended."""
@@ -151,6 +163,13 @@ class RPCPipeWrapper(zerorpc.Server):
         return self._call(self.control.join, encoded_arguments)
 
     @_introspectable
+    def set_params(self, routine: str, encoded_params: Any = None) -> Dict[str, Any]:
+        """Change parameters of ROUTINE with a JSON object of name: value, applied between two main_logic
+        calls; returns the acknowledgement with "params", the values now in force.
+        E.g. set_params det '{"min_area": 800}'"""
+        return self._call(self.control.set_params, routine, encoded_params)
+
+    @_introspectable
     def structure(self) -> Dict[str, Any]:
         """The routines, their flows and the events they handle."""
         return self._call(self.control.structure)
@@ -159,3 +178,19 @@ class RPCPipeWrapper(zerorpc.Server):
     def status(self) -> Dict[str, Any]:
         """Routine states, messages in/out and FPS; wire depths and drops; flow pids."""
         return self._call(self.control.status)
+
+    @_introspectable
+    def start_recording(self, encoded_arguments: Any = None) -> Dict[str, Any]:
+        """Record wires into a new MCAP file: '{"path": "run.mcap", "wires": ["cam", "det"]}' (all wires
+        without "wires"). Returns the recording's status."""
+        return self._call(self.control.start_recording, encoded_arguments)
+
+    @_introspectable
+    def stop_recording(self) -> Dict[str, Any]:
+        """Stop the recording and finish its file; returns its final status."""
+        return self._call(self.control.stop_recording)
+
+    @_introspectable
+    def recording(self) -> Dict[str, Any]:
+        """The recording's status: path, wires, state, messages and drops per wire, error."""
+        return self._call(self.control.recording)

@@ -1,8 +1,14 @@
 """Typed routine parameters: conversion, bounds, errors, cascading, and build refusing bad values."""
+import json
+import os
+import signal
+import time
+
 import pytest
 
-from helpers import Recorder
-from pipert import BuildError, DestinationRoutine, MiddleRoutine, Param, ParamError, SourceRoutine
+from helpers import Recorder, read_lines, wait_for
+from pipert import (BuildError, DestinationRoutine, EventError, MiddleRoutine, Param, ParamError, SourceRoutine,
+                    Wire)
 from pipert.params import REQUIRED
 
 
@@ -84,6 +90,14 @@ def test_constructor_keywords_set_values_read_as_attributes():
         detector.min_area = -1
 
 
+def test_a_parameter_cannot_take_a_name_pipert_uses():
+    for reserved in ("name", "logger", "setup", "main_logic", "shared_array"):
+        with pytest.raises((TypeError, RuntimeError)) as caught:
+            type("Bad", (MiddleRoutine,), {reserved: Param(int, default=1)})
+        assert f"'{reserved}' is a routine attribute of pipert's own" in str(caught.value) + \
+            str(caught.value.__cause__)
+
+
 def test_routines_with_their_own_init_keep_working():
     recorder = Recorder("/tmp/x.jsonl", name="rec")
     assert recorder.name == "rec" and recorder.params == {}
@@ -135,3 +149,102 @@ def test_pipe_params_are_checked_too(make_pipe):
     assert "routine 'cam' (Source): parameter 'fps' expects float >= 0.1, got 'fast' (str) (from the pipe's " \
            "params)" in message
     assert "pipe parameter 'colour' (given 'red') is declared by no routine" in message
+
+
+class Steady(SourceRoutine):
+    """Reads its parameter twice per call, with a pause between: both reads must agree."""
+    step = Param(int, default=1, min=1)
+    label = Param(str, default="a")
+
+    def setup(self):
+        self.n = 0
+
+    def main_logic(self):
+        first = self.step
+        time.sleep(0.005)
+        self.n += 1
+        return {"n": self.n, "first": first, "second": self.step, "label": self.label}
+
+
+class Picky(DestinationRoutine):
+    """Refuses a threshold over 100 in params_changed; counts the changes it accepted."""
+    threshold = Param(float, default=1.0)
+    path = Param(str)
+
+    def setup(self):
+        self.changes = 0
+
+    def params_changed(self, changed):
+        if self.threshold > 100:
+            raise ValueError("threshold over 100 would blind the detector")
+        self.changes += 1
+
+    def main_logic(self, data):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(data, threshold=self.threshold, changes=self.changes)) + "\n")
+
+
+def test_set_params_applies_between_calls_and_returns_the_values_in_force(make_pipe, tmp_path):
+    out = tmp_path / "out.jsonl"
+    pipe = make_pipe(wire_policy="block", wire_depth=8)
+    source, sink = Steady(name="src"), Picky(name="sink", path=str(out))
+    pipe.create_flow("a", False, source)
+    pipe.create_flow("b", False, sink, restart_backoff=0.1)
+    pipe.link(Wire(source=source, destinations=(sink,)))
+    pipe.build()
+    pipe.notify_event("start").wait(5)
+    wait_for(lambda: len(read_lines(out)) > 5)
+    assert pipe.set_params("src", step="7", label="b") == {"step": 7, "label": "b"}
+    assert pipe.set_params("sink", threshold="2.5") == {"threshold": 2.5, "path": str(out)}
+    assert pipe.status()["routines"]["src"]["params"] == {"step": 7, "label": "b"}
+    wait_for(lambda: read_lines(out)[-1]["threshold"] == 2.5 and read_lines(out)[-1]["first"] == 7)
+    lines = read_lines(out)
+    assert all(line["first"] == line["second"] for line in lines), "a parameter changed during main_logic"
+    assert {(line["first"], line["label"]) for line in lines} == {(1, "a"), (7, "b")}
+    assert lines[-1]["changes"] == 1
+
+    with pytest.raises(ParamError, match="routine 'sink' did not take parameters .*threshold over 100"):
+        pipe.set_params("sink", threshold=500)
+    assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5, "path": str(out)}
+    with pytest.raises(ParamError, match="parameter 'step' expects int >= 1, got 0"):
+        pipe.set_params("src", step=0)
+    with pytest.raises(ParamError, match="unknown parameter 'speed'"):
+        pipe.set_params("src", speed=3)
+    with pytest.raises(EventError, match="there is no routine 'nobody'"):
+        pipe.set_params("nobody", step=2)
+
+    os.kill(pipe.status()["flows"]["b"]["pid"], signal.SIGKILL)  # a restarted flow keeps the values set at runtime
+    wait_for(lambda: pipe.status()["flows"]["b"]["restarts"] == 1 and pipe.status()["flows"]["b"]["alive"])
+    count = len(read_lines(out))
+    wait_for(lambda: len(read_lines(out)) > count + 3)
+    assert read_lines(out)[-1]["threshold"] == 2.5
+    assert pipe.status()["routines"]["sink"]["params"] == {"threshold": 2.5, "path": str(out)}
+    pipe.join(to_kill=True)
+    with pytest.raises(EventError, match="the pipe is being killed or has ended"):
+        pipe.set_params("src", step=2)
+
+
+def test_set_params_before_build_sets_the_routine(make_pipe):
+    pipe = make_pipe()
+    source = Source(name="cam", path="a.mp4")
+    pipe.create_flow("f", True, source, Sink(name="out"))
+    assert pipe.set_params("cam", fps="12") == {"fps": 12.0, "path": "a.mp4"}
+    pipe.build()
+    assert source.fps == 12.0
+    pipe.join(to_kill=True)
+
+
+def test_values_of_other_types_reach_status_and_structure_as_text(make_pipe):
+    import pathlib
+
+    class Writer(DestinationRoutine):
+        folder = Param(pathlib.Path, default="/tmp/out")
+
+        def main_logic(self, data):
+            pass
+
+    assert Writer(folder="/data").folder == pathlib.Path("/data")
+    assert Writer.folder.describe()["default"] == "/tmp/out"
+    pipe = make_pipe()
+    pipe.create_flow("f", True, Source(name="cam", path="x"), Writer(name="w"))
+    assert pipe.status()["routines"]["w"]["params"] == {"folder": "/tmp/out"}
