@@ -46,8 +46,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from pipert import (PIPE_INFRASTRUCTURE, DestinationRoutine, MiddleRoutine, Pipe, SourceRoutine, Wire, events,
-                    get_socket_logger)
+from pipert import (PIPE_INFRASTRUCTURE, DestinationRoutine, FrameFilter, MiddleRoutine, Pipe, SourceRoutine, Wire,
+                    events, get_socket_logger)
 
 Box = List[int]  # [x, y, w, h] in full-frame pixels
 VIDEO_NAME = "annotated.mp4"
@@ -480,6 +480,7 @@ def demo_logger() -> logging.Logger:
     for handler in console:
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(FrameFilter())  # frames go to the cockpit and the dashboard, not the terminal
     return logger
 
 

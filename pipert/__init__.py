@@ -2,6 +2,7 @@
 from .api import APIWrapper
 from .errors import BuildError, EventError, PipeError, TransportError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, events
+from .frames import FrameFilter
 from .log import PIPE_INFRASTRUCTURE
 from .pipe import EventResult, Pipe
 from .routine import DestinationRoutine, MiddleRoutine, Routine, SourceRoutine
@@ -10,7 +11,7 @@ from .socket_logger import get_socket_logger
 from .wire import Wire
 
 __all__ = [
-    "APIWrapper", "BuildError", "DestinationRoutine", "EventError", "EventResult", "KILL_EVENT_NAME",
+    "APIWrapper", "BuildError", "DestinationRoutine", "EventError", "EventResult", "FrameFilter", "KILL_EVENT_NAME",
     "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Pipe", "PipeError", "RPCPipeWrapper", "Routine", "START_EVENT_NAME",
     "STOP_EVENT_NAME", "SourceRoutine", "TransportError", "Wire", "events", "get_socket_logger",
 ]

@@ -8,6 +8,7 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /pipe/structure  /status                         the pipe's structure and counters
     /routines/<routine>/events/<event>/execute       send <event> to one routine
     /routines/events/<event>/execute                 send <event> to every routine handling it
+    /  /dashboard/<file>  /dashboard/stream          the web dashboard, its files, its live stream
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
@@ -37,6 +38,7 @@ import gevent.pool
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from .control import Control, ControlError
+from .dashboard import Dashboard, Reply
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
@@ -53,8 +55,7 @@ _log = logging.getLogger(__name__)
 
 
 def _route(pattern: str) -> "re.Pattern[str]":
-    return re.compile(pattern.replace("<routine>", "(?P<routine>[^/]+)").replace("<event>", "(?P<event>[^/]+)")
-                      + "/?")
+    return re.compile(re.sub(r"<(\w+)>", r"(?P<\1>[^/]+)", pattern) + "/?")
 
 
 _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
@@ -65,9 +66,13 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/status"), "status"),
     (_route("/routines/events/<event>/execute"), "execute_all"),
     (_route("/routines/<routine>/events/<event>/execute"), "execute_routine"),
+    (_route(""), "page"),
+    (_route("/dashboard/stream"), "stream"),
+    (_route("/dashboard/<asset>"), "asset"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
-              "/routines/events/<event>/execute"
+              "/routines/events/<event>/execute, / (the dashboard), /dashboard/stream"
+_PUBLIC = ("page", "asset")  # the dashboard's page and files: code without data, served without the token
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -145,6 +150,7 @@ class APIWrapper:
         self.host = host
         self.port = port
         self.control = Control(pipe, token, ack_timeout)
+        self.dashboard = Dashboard(self.control)
         self.address: Optional[Tuple[str, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -184,6 +190,7 @@ class APIWrapper:
         try:
             self.control.wait_ended()
         finally:
+            self.dashboard.close()
             server.stop_when_answered(_STOP_TIMEOUT)
 
     # ----- the WSGI application -----
@@ -195,11 +202,15 @@ class APIWrapper:
             if method == "OPTIONS":  # a browser's CORS preflight: it carries no credentials
                 self._find(path)
                 return self._respond(start_response, 204, None, _PREFLIGHT)
-            self.control.authorize(_request_token(environ), _TOKEN_HELP)
+            if self._route_name(path) not in _PUBLIC:
+                self.control.authorize(_request_token(environ), _TOKEN_HELP)
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
-            return self._respond(start_response, 200, handler(_extra_args(environ), **match))
+            result = handler(_extra_args(environ), **match)
+            if isinstance(result, Reply):
+                return result.send(environ, start_response)
+            return self._respond(start_response, 200, result)
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -211,7 +222,11 @@ class APIWrapper:
             return self._respond(start_response, 500, {"error": f"{method} {path} failed inside the daemon: "
                                                                 "see its log"})
 
-    def _find(self, path: str) -> Tuple[Callable[..., Dict[str, Any]], Dict[str, str]]:
+    @staticmethod
+    def _route_name(path: str) -> Optional[str]:
+        return next((name for pattern, name in _ROUTES if pattern.fullmatch(path)), None)
+
+    def _find(self, path: str) -> Tuple[Callable[..., Any], Dict[str, str]]:
         for pattern, name in _ROUTES:
             match = pattern.fullmatch(path)
             if match:
@@ -261,3 +276,13 @@ class APIWrapper:
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)
+
+    def _page(self, extra_args: Dict[str, Any]) -> Reply:
+        return self.dashboard.asset("index.html")
+
+    def _asset(self, extra_args: Dict[str, Any], asset: str) -> Reply:
+        return self.dashboard.asset(asset)
+
+    def _stream(self, extra_args: Dict[str, Any]) -> Reply:
+        self._no_arguments("/dashboard/stream", extra_args)
+        return self.dashboard.stream()

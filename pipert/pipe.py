@@ -23,8 +23,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import shm
 from .errors import BuildError, EventError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
-                     STOP_EVENT_NAME, check_params, handlers_of)
+                     STOP_EVENT_NAME, check_params, describe_handlers, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .frames import FrameFilter
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
 from .wire import BLOCK, LATEST, POLICIES, Wire
@@ -39,6 +40,7 @@ def _default_logger() -> logging.Logger:
     if not logger.hasHandlers():
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(FrameFilter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     return logger
@@ -729,12 +731,16 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines and the events they handle (the cockpit's ``pipe_creation`` message)."""
+        """The routines, the events they handle with their handlers' parameters (the cockpit's
+        ``pipe_creation`` message), and the wires, one per destination, with policy and depth."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
-                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS)}
+                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "event_params": {e: p for e, p in describe_handlers(r).items() if e not in BUILTIN_EVENTS}}
                          for flow in self._flow_list for r in flow.routines],
             "Events": list(BUILTIN_EVENTS),
+            "Wires": [{"source": w.source.name, "destination": d.name, "policy": w.policy or self._wire_policy,
+                       "depth": w.depth or self._wire_depth} for w in self.wires for d in w.destinations],
         }
 
     def status(self) -> Dict[str, Any]:
