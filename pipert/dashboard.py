@@ -18,7 +18,7 @@ hold no data and are served without the token; everything else asks for it.
 A client costs no queue: each stream keeps only a cursor into the daemon's
 bounded log book and the number of the last frame it sent, and makes its next
 message only when the previous one was written. A client too slow to take a
-message within ``_WRITE_TIMEOUT`` seconds is disconnected.
+message is disconnected by the server's socket timeout (``security.Limits``).
 
 Frames: a stream opened with ``?frames=ROUTINE`` turns that routine's
 ``log_data`` on (when it was off) and off again when the last such stream
@@ -29,7 +29,6 @@ latest of each instead of logging them.
 from __future__ import annotations
 
 import collections
-import errno
 import importlib.resources
 import json
 import logging
@@ -49,12 +48,11 @@ from .log import PIPE_INFRASTRUCTURE
 _TICK = 0.25  # seconds between two looks for new log records and frames
 _STATUS_EVERY = 4  # ticks between two looks at status(): about one update a second
 _HEARTBEAT = 10.0  # seconds of silence before a heartbeat comment
-_WRITE_TIMEOUT = 30.0  # seconds a client gets to take one message
 _LOG_BATCH = 200  # log records in one message at most
 _FRAMES_RETRY = 2.0  # seconds between two attempts to turn a watched routine's frames back on
 _ASSETS = {"index.html": "text/html; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8",
            "dashboard.css": "text/css; charset=utf-8"}
-_PAGE_HEADERS = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff"),
+_PAGE_HEADERS = [("Cache-Control", "no-cache"),
                  ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
                                              "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")]
 _log = logging.getLogger(__name__)
@@ -192,7 +190,7 @@ class Dashboard:
         if frames_of is not None:
             self._watch(frames_of)
         try:
-            yield from self._write(_event("structure", {"pipe": self.pipe.id, **self.control.structure()}))
+            yield _event("structure", {"pipe": self.pipe.id, **self.control.structure()})
             sent_status, sent_frames, silent_since, tick = None, {}, time.monotonic(), 0
             while not self._closing:
                 messages = []
@@ -218,21 +216,14 @@ class Dashboard:
                 if not messages and time.monotonic() - silent_since >= _HEARTBEAT:
                     messages.append(b": heartbeat\n\n")
                 for message in messages:
-                    yield from self._write(message)
+                    yield message
                     silent_since = time.monotonic()
                 gevent.sleep(_TICK)
                 tick += 1
-            yield from self._write(_event("bye", {"pipe": self.pipe.id, "reason": "the pipe has ended"}))
+            yield _event("bye", {"pipe": self.pipe.id, "reason": "the pipe has ended"})
         finally:
             if frames_of is not None:
                 self._unwatch(frames_of)
-
-    @staticmethod
-    def _write(message: bytes) -> Iterator[bytes]:
-        """Yield one message to the server, which writes it; a client that has not taken it within
-        ``_WRITE_TIMEOUT`` is cut off as a broken pipe (the server drops those quietly)."""
-        with gevent.Timeout(_WRITE_TIMEOUT, BrokenPipeError(errno.EPIPE, "dashboard client too slow")):
-            yield message
 
     # ----- frames on demand -----
 

@@ -9,6 +9,11 @@ no copy on receive. A slot is reused only when every receiver's flag says it
 released the slot (its arrays were garbage collected); only the owner counts,
 so no cross-process atomics are needed.
 
+Every message carries its source time: the wall-clock time (``time.time()``)
+its source routine produced it, which a middle routine's outputs inherit from
+the input they came from. It travels in the record header between flows and
+next to the object in a local channel; readers return ``(stamp, object)``.
+
 Every consumer waits on one ``Doorbell`` (a posix semaphore) that producers and
 events ring; it polls its inputs before waiting, so no wake-up is ever lost and
 an idle routine burns no CPU.
@@ -66,7 +71,7 @@ class LocalChannel:
         self._space = threading.Semaphore(depth) if policy == BLOCK else None
         self.dropped = 0
 
-    def put(self, obj: object, should_stop: Callable[[], bool]) -> None:
+    def put(self, obj: object, stamp: float, should_stop: Callable[[], bool]) -> None:
         if self._space is not None:
             while not self._space.acquire(timeout=_WAIT_SLICE):
                 if should_stop():
@@ -77,17 +82,18 @@ class LocalChannel:
                 self.dropped += 1
             except IndexError:
                 pass
-        self._queue.append(obj)
+        self._queue.append((stamp, obj))
         self._bell.release()
 
     def poll(self) -> object:
+        """The oldest ``(stamp, object)``, or EMPTY."""
         try:
-            obj = self._queue.popleft()
+            message = self._queue.popleft()
         except IndexError:
             return EMPTY
         if self._space is not None:
             self._space.release()
-        return obj
+        return message
 
     def depth(self) -> int:
         return len(self._queue)
@@ -285,7 +291,7 @@ class ShmRing:
 
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
-_MSG = struct.Struct("=IIH")  # record length, producer pid, number of pool references
+_MSG = struct.Struct("=IIHd")  # record length, producer pid, number of pool references, source time
 _REF = struct.Struct("=HIQQ")  # slot, generation, offset, bytes
 
 
@@ -441,9 +447,10 @@ def _refs(record: bytes) -> List[Tuple[int, int, int, int]]:
     return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
 
 
-def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
+def encode(obj: object, stamp: float, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
            routine: str) -> Optional[bytes]:
-    """One record for every remote receiver of a wire, or None if the pool is full (``latest``)."""
+    """One record (``obj`` and its source time ``stamp``) for every remote receiver of a wire, or None
+    if the pool is full (``latest``)."""
     big: list = []
     try:
         if pool is None:
@@ -456,7 +463,7 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
     if not big:
-        return _MSG.pack(_MSG.size + len(body), _pid[0], 0) + body
+        return _MSG.pack(_MSG.size + len(body), _pid[0], 0, stamp) + body
     refs = []
     for buf in big:
         ref = pool.store(buf.raw(), block, should_stop)
@@ -466,17 +473,17 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
             return None
         refs.append(ref)
     size = _MSG.size + len(refs) * _REF.size + len(body)
-    return b"".join((_MSG.pack(size, _pid[0], len(refs)), *refs, body))
+    return b"".join((_MSG.pack(size, _pid[0], len(refs), stamp), *refs, body))
 
 
-def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
-    """The object in ``record``; its large buffers are read-only views of the pool."""
-    _, pid, count = _MSG.unpack_from(record, 0)
+def decode(record: bytes, pool: Optional[Pool], receiver: int) -> Tuple[float, object]:
+    """``(source time, object)`` of ``record``; the object's large buffers are read-only views of the pool."""
+    _, pid, count, stamp = _MSG.unpack_from(record, 0)
     if not count:
-        return pickle.loads(memoryview(record)[_MSG.size:])
+        return stamp, pickle.loads(memoryview(record)[_MSG.size:])
     buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
                for i in range(count)]
-    return pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
+    return stamp, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
 
 
 _pid = [os.getpid()]
@@ -499,6 +506,7 @@ class RingReader:
         self._taken: collections.deque = collections.deque()
 
     def poll(self) -> object:
+        """The oldest ``(stamp, object)``, or EMPTY."""
         if not self._taken:
             self._taken.extend(self._ring.get(self._everything))
             if not self._taken:
@@ -545,9 +553,10 @@ class WireSender:
         buffer = self._pool.allocate(size, self._block, should_stop)
         return None if buffer is None else np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
-    def send(self, obj: object, should_stop: Callable[[], bool]) -> None:
+    def send(self, obj: object, stamp: float, should_stop: Callable[[], bool]) -> None:
+        """Send ``obj``, produced by its source at ``stamp`` (``time.time()``), to every destination."""
         if self._remote:
-            record = encode(obj, self._pool, self._block, should_stop, self._routine)
+            record = encode(obj, stamp, self._pool, self._block, should_stop, self._routine)
             for target in self._remote:
                 if record is None:
                     target.ring.count_drop()
@@ -555,7 +564,7 @@ class WireSender:
                 target.ring.put(record, target.on_drop, should_stop)
                 target.bell.release()
         for channel in self._local:
-            channel.put(obj, should_stop)
+            channel.put(obj, stamp, should_stop)
 
 
 class Inbox:
@@ -567,7 +576,7 @@ class Inbox:
         self._turn = 0
 
     def poll(self) -> object:
-        """The next waiting message, taking inputs in turn, or EMPTY."""
+        """The next waiting ``(stamp, message)``, taking inputs in turn, or EMPTY."""
         readers = self.readers
         n = len(readers)
         if n == 1:
@@ -580,7 +589,7 @@ class Inbox:
         return EMPTY
 
     def next(self) -> object:
-        """A message, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
+        """A ``(stamp, message)``, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
         obj = self.poll()
         if obj is EMPTY:
             self.bell.acquire()

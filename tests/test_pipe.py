@@ -282,7 +282,8 @@ def test_structure_lists_routines_and_custom_events(make_pipe, tmp_path):
     assert {"flow_name": "f1", "routine_name": "first", "events": ["FORWARD", "PING"],
             "event_params": {"FORWARD": [{"name": "target_flow", "required": True},
                                          {"name": "target_routine", "required": True}],
-                             "PING": [{"name": "value", "required": False, "default": None}]}} in structure["Routines"]
+                             "PING": [{"name": "value", "required": False, "default": None}]},
+            "params": {}} in structure["Routines"]
     assert [(w["source"], w["destination"], w["policy"], w["depth"]) for w in structure["Wires"]] == \
         [("first", "sink1", "latest", 1), ("second", "sink1", "latest", 1), ("third", "sink2", "latest", 1)]
     assert [r["routine_name"] for r in structure["Routines"]] == \

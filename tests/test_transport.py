@@ -237,11 +237,15 @@ def test_small_messages_inline_and_large_arrays_through_the_pool():
     from pipert.transport import Pool, decode, encode
     pool = Pool("feedbeef", "t", slots=2, receivers=1)
     try:
-        small = encode({"a": np.zeros(10)}, pool, True, lambda: False, "r")
-        assert decode(small, pool, 0)["a"].flags.writeable
-        big = encode({"a": np.ones(OOB_MIN, np.uint8)}, pool, True, lambda: False, "r")
+        small = encode({"a": np.zeros(10)}, 1234.5, pool, True, lambda: False, "r")
+        stamp, message = decode(small, pool, 0)
+        assert stamp == 1234.5 and message["a"].flags.writeable
+        big = encode({"a": np.ones(OOB_MIN, np.uint8)}, 1234.75, pool, True, lambda: False, "r")
         assert len(big) < 1024
-        array = decode(big, pool, 0)["a"]
+        stamp, message = decode(big, pool, 0)
+        assert stamp == 1234.75
+        array = message["a"]
+        del message
         assert not array.flags.writeable and array.sum() == OOB_MIN
         with pytest.raises(ValueError):
             array[0] = 5
@@ -261,10 +265,10 @@ def test_shared_array_is_sent_in_place_and_reused_only_when_released():
         sender = WireSender("r", False, [], [], pool)
         frame = sender.allocate((512, 512), np.uint8, lambda: False)
         frame[...] = 7
-        record = encode({"f": frame}, pool, False, lambda: False, "r")
+        record = encode({"f": frame}, 0.0, pool, False, lambda: False, "r")
         assert pool._owned == {0}
         assert len(pool._segments) == 1, "sending an allocated array must not copy it into another slot"
-        received = decode(record, pool, 0)["f"]
+        received = decode(record, pool, 0)[1]["f"]
         assert received.sum() == 7 * 512 * 512 and not received.flags.writeable
         del frame
         assert not pool._owned and not pool._released_by_all(0), "the receiver still holds slot 0"

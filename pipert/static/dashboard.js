@@ -68,10 +68,11 @@ function authHeaders(extra) {
   return headers;
 }
 
-async function post(path, extraArgs) {
+// POST ``body`` as JSON (event routes take {"extra_args": {...}}, the params route the values themselves).
+async function post(path, body) {
   const response = await fetch(path, {
     method: "POST", headers: authHeaders({"Content-Type": "application/json"}),
-    body: extraArgs === undefined ? "" : JSON.stringify({extra_args: extraArgs}),
+    body: body === undefined ? "" : JSON.stringify(body),
   });
   let document_ = null;
   try { document_ = await response.json(); } catch (error) { /* an empty or non-JSON answer */ }
@@ -93,9 +94,9 @@ function reportAck(what, ack) {
   }
 }
 
-async function act(what, path, extraArgs) {
+async function act(what, path, body) {
   try {
-    reportAck(what, await post(path, extraArgs));
+    reportAck(what, await post(path, body));
   } catch (error) {
     say(`${what}: ${error.message}`, "error");
   }
@@ -514,7 +515,7 @@ function buildDetail() {
         if (input.type === "checkbox" || input.tagName === "SELECT" || input.value !== "") args[param] = readField(input);
       }
       act(`${eventName} to ${name}`,
-        `/routines/${encodeURIComponent(name)}/events/${encodeURIComponent(eventName)}/execute`, args);
+        `/routines/${encodeURIComponent(name)}/events/${encodeURIComponent(eventName)}/execute`, {extra_args: args});
     });
   }
   updateDetail();
