@@ -18,6 +18,9 @@ prints their addresses, then ``pipert: ready``.
 checks pipeline files without running them and ``pipert graph TARGET`` prints a
 pipeline as a Mermaid flowchart.
 
+``pipert top [ADDRESS]`` shows a running daemon's routines, wires and flows in the
+terminal, refreshed in place, like the dashboard that ``--api`` serves at ``/``.
+
 ``pipert zerorpc ARGS...`` is the zerorpc CLI (zerorpc 0.6.3's own, which
 crashes on Python 3.10+ at ``collections.Iterator``), with ``--token`` (or
 ``PIPERT_TOKEN``) for daemons that require one.
@@ -51,6 +54,7 @@ from .pipe import Pipe
 from .pipeline_file import check_pipeline, is_pipeline_file, load_pipeline
 from .routine import kind_of
 from .rpc import RPCPipeWrapper, SendToken
+from .top import run_top
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
 DEFAULT_RPC, DEFAULT_API = "tcp://127.0.0.1:4242", "127.0.0.1:4000"
@@ -439,9 +443,29 @@ def _parser() -> argparse.ArgumentParser:
     runner.add_argument("--insecure", action="store_true",
                         help="serve on a non-loopback address without a token (anyone who reaches it controls "
                              "the pipe; warned at start and in status)")
+    top = commands.add_parser("top", help="the routine, wire and flow tables of a running daemon, refreshed in "
+                                          "place (q quits)")
+    top.add_argument("address", nargs="?", metavar="ADDRESS",
+                     help=f"the daemon's HTTP API: HOST:PORT, PORT or http://HOST:PORT; default ${API_VARIABLE}, "
+                          f"else {DEFAULT_API}")
+    top.add_argument("--token", metavar="TOKEN", help=f"the daemon's token; default ${TOKEN_VARIABLE}")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
+    top.add_argument("--once", action="store_true", help="print the tables once and exit (also when the output "
+                                                         "is not a terminal)")
     commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
                         add_help=False)
     return parser
+
+
+def top_main(args: argparse.Namespace) -> int:
+    """``pipert top``: see ``pipert.top``."""
+    address = _setting(args.address, API_VARIABLE) or DEFAULT_API
+    if "://" not in address:
+        host, port = api_address(address)
+        address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if args.interval <= 0:
+        raise UsageError(f"--interval {args.interval} must be a positive number of seconds")
+    return run_top(address, _setting(args.token, TOKEN_VARIABLE), args.interval, args.once or not sys.stdout.isatty())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -454,6 +478,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = _parser().parse_args(argv)
         if args.command in ("plugins", "check", "graph"):
             return _offline_command(args)
+        if args.command == "top":
+            return top_main(args)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("pipert").addHandler(handler)

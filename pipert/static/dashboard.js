@@ -6,14 +6,14 @@
 const TOKEN_KEY = "pipert-token";
 const LEVELS = {PIPE_INFRASTRUCTURE: 5, DEBUG: 10, INFO: 20, WARNING: 30, ERROR: 40, CRITICAL: 50};
 const MAX_LOG = 1000;
-const NODE_W = 200, NODE_H = 50, COL_W = 354, ROW_H = 62, FLOW_HEAD = 40, FLOW_PAD = 14, LANE_GAP = 26;
+const NODE_W = 184, NODE_H = 50, COL_W = 340, ROW_H = 62, FLOW_HEAD = 40, FLOW_PAD = 14, LANE_GAP = 26;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   pipe: null, structure: null, status: null, selected: null, frames: null,
   after: "", logs: [], controller: null, retry: 1000,
-  nodes: {}, wires: {}, rows: {}, flowBoxes: {},
+  nodes: {}, wires: {}, rows: {}, flowBoxes: {}, paramInputs: {},
 };
 
 const $ = (id) => document.getElementById(id);
@@ -433,23 +433,29 @@ function field(form, name, spec, value) {
   if (spec.choices) {
     input = el("select", {id: `${form.id}-${name}`, name}, form.fields);
     for (const choice of spec.choices) el("option", {value: JSON.stringify(choice)}, input, String(choice));
-    if (value !== undefined) input.value = JSON.stringify(value);
   } else if (spec.type === "bool") {
     input = el("input", {id: `${form.id}-${name}`, name, type: "checkbox"}, form.fields);
-    input.checked = Boolean(value);
   } else {
     const numeric = spec.type === "int" || spec.type === "float";
     input = el("input", {id: `${form.id}-${name}`, name, type: numeric ? "number" : "text"}, form.fields);
     if (numeric) input.step = spec.type === "int" ? "1" : "any";
     if (spec.min !== undefined && spec.min !== null) input.min = spec.min;
     if (spec.max !== undefined && spec.max !== null) input.max = spec.max;
-    if (value !== undefined && value !== null) input.value = typeof value === "object" ? JSON.stringify(value) : value;
     if (spec.required) input.required = true;
     if (!spec.type) input.placeholder = "JSON or text";
   }
   input.dataset.type = spec.type || "";
+  if (value !== undefined) setField(input, value);
   if (spec.help) el("span", {class: "help"}, form.fields, spec.help);
   return input;
+}
+
+// Show a parameter's value now in force, unless the user is editing that field.
+function setField(input, value) {
+  if (input.dataset.dirty || document.activeElement === input) return;
+  if (input.tagName === "SELECT") input.value = JSON.stringify(value);
+  else if (input.type === "checkbox") input.checked = Boolean(value);
+  else input.value = value === null || value === undefined ? "" : typeof value === "object" ? JSON.stringify(value) : value;
 }
 
 function readField(input) {
@@ -477,6 +483,7 @@ function buildDetail() {
   const paramsBox = $("params-box"), eventsBox = $("events-box");
   paramsBox.replaceChildren();
   eventsBox.replaceChildren();
+  state.paramInputs = {};
   if (!name) return;
   const routine = routineStructure(name);
   const params = routine.params || {};
@@ -484,9 +491,10 @@ function buildDetail() {
     el("h3", {}, paramsBox, "Parameters");
     const form = actionForm(paramsBox, "params-form", "", "Apply");
     const current = ((state.status && state.status.routines[name]) || {}).params || {};
-    const inputs = {};
+    const inputs = state.paramInputs;
     for (const [param, spec] of Object.entries(params)) {
       inputs[param] = field(form, param, spec, current[param] !== undefined ? current[param] : spec.default);
+      inputs[param].addEventListener("input", () => { inputs[param].dataset.dirty = "1"; });
     }
     form.addEventListener("submit", (event) => {
       event.preventDefault();
@@ -496,6 +504,7 @@ function buildDetail() {
         const value = readField(input);
         if (JSON.stringify(value) !== JSON.stringify(now[param])) changed[param] = value;
       }
+      for (const input of Object.values(inputs)) delete input.dataset.dirty;
       if (!Object.keys(changed).length) { say(`parameters of ${name}: nothing changed`, "ok"); return; }
       act(`parameters of ${name}`, `/routines/${encodeURIComponent(name)}/params`, changed);
     });
@@ -532,7 +541,11 @@ function updateDetail() {
   if (r.paced_fps) rows.push(["paced at", `${r.paced_fps} fps`]);
   if (r.latency !== undefined) rows.push(["latency p50 / p99", latencyText(r.latency)]);
   rows.push(["last error", r.error || "none"]);
-  for (const [param, value] of Object.entries(r.params || {})) rows.push([`param ${param}`, JSON.stringify(value)]);
+  for (const [param, value] of Object.entries(r.params || {})) {
+    const input = state.paramInputs[param];
+    if (input) setField(input, value);
+    else rows.push([`param ${param}`, JSON.stringify(value)]);
+  }
   for (const [key, value] of rows) {
     el("dt", {}, values, key);
     el("dd", {}, values, String(value));
