@@ -105,7 +105,8 @@ def daemons(tmp_path):
         if api:
             flags += ["--api", f"127.0.0.1:{free_port()}"]
         log = str(tmp_path / f"events{len(started)}.jsonl")
-        daemon = Daemon(pipert_command() + ["run", f"{TARGET}:{target}", *flags], str(cwd or tmp_path),
+        spec = target if ":" in target else f"{TARGET}:{target}"  # another file's factory: path/to/file.py:name
+        daemon = Daemon(pipert_command() + ["run", spec, *flags], str(cwd or tmp_path),
                         clean_env(CONTROL_TARGET_LOG=log), log)
         started.append(daemon)
         return daemon.wait_ready() if wait else daemon
