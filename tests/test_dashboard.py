@@ -88,7 +88,7 @@ def test_pause_events_params_errors_and_frames(daemons):  # noqa: F811
         page.fill("#event-SAY-text", "hello dashboard")
         page.check("#event-SAY-loud")
         page.click("#event-SAY button[type=submit]")
-        showing(page, "#message", "done by camera")
+        showing(page, "#message", "SAY to camera: done by camera")
         assert {"event": "SAY", "text": "hello dashboard", "loud": True} in daemon.events()
         showing(page, "#log", "said: hello dashboard!")
         page.click("#event-FAIL button[type=submit]")
