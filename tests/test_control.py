@@ -220,8 +220,9 @@ def test_python_client_targets_events_and_reads_status(daemons, rpc_clients):
     assert {(w["source"], w["destination"]) for w in status["wires"]} == {("ticker", "relay"), ("relay", "sink")}
     assert all(isinstance(w["depth"], int) and isinstance(w["dropped"], int) for w in status["wires"])
     assert all(f["alive"] and f["pid"] in daemon.pids for f in status["flows"].values())
-    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"], "params": {}} in \
-        client.structure()["Routines"]
+    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"], "params": {},
+            "event_params": {"FAIL": [], "PING": [{"name": "value", "required": False, "default": None}],
+                             "SLOW": [{"name": "seconds", "required": True}]}} in client.structure()["Routines"]
 
     assert client.pause()["event"] == "stop"
     wait_for(lambda: {r["state"] for r in client.status()["routines"].values()} == {"stopped"})

@@ -374,8 +374,8 @@ function onStatus(status) {
     cells.out.textContent = r.messages_out;
     cells.latency.textContent = latencyText(r.latency);
     cells.latency.hidden = !hasLatency;
-    cells.error.textContent = r.error || "";
-    cells.error.title = r.error || "";
+    cells.error.textContent = r.error || r.condition || "";
+    cells.error.title = r.error || r.condition || "";
   }
   for (const w of status.wires) {
     const shown = state.wires[`${w.source}->${w.destination}`];
@@ -541,6 +541,7 @@ function updateDetail() {
   if (r.paced_fps) rows.push(["paced at", `${r.paced_fps} fps`]);
   if (r.latency !== undefined) rows.push(["latency p50 / p99", latencyText(r.latency)]);
   rows.push(["last error", r.error || "none"]);
+  if (r.condition) rows.push(["condition", r.condition]);
   for (const [param, value] of Object.entries(r.params || {})) {
     const input = state.paramInputs[param];
     if (input) setField(input, value);
