@@ -5,6 +5,7 @@ The daemons come from test_control's fixture, which kills them and checks for le
 and shared memory at teardown.
 """
 import fcntl
+import logging
 import os
 import pty
 import select
@@ -18,6 +19,9 @@ import requests
 
 from browser import chromium_page
 from helpers import clean_env, free_port, pipert_command, wait_for
+from pipert import PIPE_INFRASTRUCTURE, FrameFilter
+from pipert.dashboard import LogBook
+from pipert.frames import frame_log_message
 from test_control import daemons  # noqa: F401 (the fixture)
 
 TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_target.py") + ":make_pipe"
@@ -185,3 +189,26 @@ def test_pipert_top_shows_routines_and_quits_on_q(daemons):  # noqa: F811
     once = subprocess.run(pipert_command() + ["top", address, "--once"], capture_output=True, text=True, timeout=30,
                           env=clean_env())
     assert once.returncode == 0 and "invert -> sink" in once.stdout and "block/4" in once.stdout
+
+
+def test_log_book_keeps_recent_records_and_latest_frames():
+    book = LogBook("pipe", capacity=3)
+
+    def record(name, message, level=logging.INFO):
+        return logging.makeLogRecord({"name": name, "msg": message, "levelno": level,
+                                      "levelname": logging.getLevelName(level)})
+
+    for n in range(5):
+        book.handle(record("pipe.f1.cam", f"line {n}"))
+    book.handle(record("pipe.f1.cam", "fps: 24.5", PIPE_INFRASTRUCTURE))
+    book.handle(record("pipe", "flow 'f1' restarted", logging.WARNING))
+    frame = frame_log_message("output", "QUJD")
+    book.handle(record("pipe.f1.cam", frame))
+    records, skipped = book.since(0)
+    assert [(r["routine"], r["message"]) for r in records] == [("cam", "line 3"), ("cam", "line 4"),
+                                                               (None, "flow 'f1' restarted")]
+    assert skipped == 3  # lines 0-2 are gone; the fps record and the frame were never log lines
+    assert book.since(records[-1]["id"]) == ([], 0)
+    assert book.frame("cam", "output")[1] == "QUJD" and book.frame("cam", "input") is None
+    assert not FrameFilter().filter(record("pipe.f1.cam", frame))
+    assert FrameFilter().filter(record("pipe.f1.cam", "output: a line that is not a frame"))
