@@ -5,9 +5,11 @@ file, ``.yaml``/``.yml``/``.json``) or imports it (``path/to/file.py:factory`` o
 ``package.module:factory``, a callable that returns a built or unbuilt ``Pipe``),
 sets the ``--param`` values, builds the pipe, starts the control
 servers asked for, optionally sends ``start``, and runs until the pipe is killed
-(over RPC or HTTP, or by a routine) or the daemon gets SIGINT/SIGTERM. Then it
-kills what still runs, joins every flow, frees the shared memory, prints what
-every routine and wire did, and exits 0 (1 if a flow died on its own).
+(over RPC or HTTP, or by a routine) or the daemon gets SIGTERM, SIGINT or SIGHUP
+(a second one stops at once, without waiting for cleanups). Then it kills what
+still runs, joins every flow, frees the shared memory, prints what every
+routine and wire did, and exits 0 (1 if a flow died on its own). Under systemd
+(``Type=notify``) it reports READY=1, STOPPING=1 and watchdog pings.
 Settings come from the flags, else the environment, else the nearest ``.env``:
 ``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``,
 ``PIPERT_ALLOWED_ORIGINS``, ``PIPERT_ALLOWED_HOSTS``. A server on an address other
@@ -36,6 +38,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -44,7 +47,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import dotenv
 
-from . import registry, security
+from . import registry, sd_notify, security
 from .api import APIWrapper
 from .errors import BuildError, EventError
 from .events import events_of
@@ -54,11 +57,12 @@ from .pipe import Pipe
 from .pipeline_file import check_pipeline, is_pipeline_file, load_pipeline
 from .routine import kind_of
 from .rpc import RPCPipeWrapper, SendToken
+from .signals import heeded, received, signal_pipe
 from .top import run_top
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
 DEFAULT_RPC, DEFAULT_API = "tcp://127.0.0.1:4242", "127.0.0.1:4000"
-_POLL = 0.2  # seconds between two checks for a signal
+_POLL = 0.2  # seconds between two checks that every flow has ended
 _SERVER_STOP_TIMEOUT = 10.0
 _log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class UsageError(Exception):
 def _say(message: str) -> None:
     try:
         print(f"pipert: {message}", flush=True)
-    except BrokenPipeError:  # whoever read our output has gone; the daemon goes on without it
+    except OSError:  # whoever read our output has gone (a pipe, a hung-up terminal); the daemon goes on
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -195,20 +199,30 @@ def _serve_rpc(pipe: Pipe, endpoint: str, token: Optional[str], ack_timeout: flo
 
 
 class _Signals:
-    """SIGINT/SIGTERM handler: interrupts loading and building (KeyboardInterrupt), and once the pipe runs
-    only records the request, so that the daemon's shutdown is never cut short."""
+    """The daemon's stop signals (SIGTERM, SIGINT, SIGHUP). While the pipe is loaded and built the first
+    interrupts (KeyboardInterrupt); once it runs they only wake the main loop (``wait``), so that the
+    daemon's shutdown is never cut short."""
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self.interruptible = True
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
+        self.received: List[int] = []
+        self._pipe: Optional[Tuple[Any, Any]] = None
+        for signum in heeded():
+            signal.signal(signum, self._interrupt)
 
-    def __call__(self, signum: int, frame: Any) -> None:
-        first = self.received is None
-        self.received = self.received or signum
-        if first and self.interruptible:
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
             raise KeyboardInterrupt
+
+    def route(self) -> None:
+        """From now on, signals are only recorded (read them with ``wait``)."""
+        self._pipe = signal_pipe()
+
+    def wait(self, timeout: float) -> List[int]:
+        """Every signal received so far, after waiting up to ``timeout`` s for a new one."""
+        if select.select([self._pipe[0]], [], [], timeout)[0]:
+            self.received += received(self._pipe[0])
+        return self.received
 
 
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
@@ -222,6 +236,7 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
         apply_param_flags(pipe, params)
         if not pipe.status()["flows"]:  # flows get a status at build
             pipe.build()
+        signals.route()
     except KeyboardInterrupt:
         _say("interrupted before the pipe ran")
         return 0
@@ -230,7 +245,6 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     except Exception:
         traceback.print_exc()
         return _fail(f"TARGET {target!r} failed while making or building the pipe (traceback above)")
-    signals.interruptible = False
     flows = pipe.status()["flows"]
     _say(f"pipe {pipe.id} built: " + ", ".join(f"flow {n} (pid {f['pid']})" for n, f in flows.items()))
     servers: List[Any] = []  # each stops on its own once the pipe is shut down; join(timeout) waits for it
@@ -255,18 +269,12 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
         pipe.join(to_kill=True)
         _join_all(servers)
         return _fail(str(exc))
-    if start and signals.received is None:
+    if start and not signals.wait(0):
         ack = pipe.send_event("start").wait(ack_timeout)
         _say(f"started: {len(ack['handled_by'])} routines" + (f", errors {ack['errors']}" if ack["errors"] else ""))
     _say("ready")
-    joiner = threading.Thread(target=pipe.join, name="pipert-join", daemon=True)  # returns once all flows ended
-    joiner.start()
-    while signals.received is None and joiner.is_alive():
-        joiner.join(_POLL)
-    if signals.received is not None:
-        _say(f"stopping on {signal.Signals(signals.received).name}")
-        pipe.kill()
-    joiner.join()
+    sd_notify.notify("READY=1", f"STATUS=pipe {pipe.id} running {len(flows)} flows")
+    _supervise(pipe, signals)
     _join_all(servers)
     status = pipe.status()
     for name, routine in status["routines"].items():
@@ -277,6 +285,30 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     died = sorted({r["flow"] for r in status["routines"].values() if r["state"] == "dead"})
     _say(f"pipe {pipe.id} stopped" + (f"; flows that died on their own: {died}" if died else ""))
     return 1 if died else 0
+
+
+def _supervise(pipe: Pipe, signals: _Signals) -> None:
+    """Wait until every flow has ended: the first stop signal kills the pipe (cleanups run), a second
+    terminates its flows at once; systemd's watchdog is pinged meanwhile."""
+    joiner = threading.Thread(target=pipe.join, name="pipert-join", daemon=True)  # returns once all flows ended
+    joiner.start()
+    watchdog = sd_notify.Watchdog()
+    handled = 0
+    while joiner.is_alive():
+        watchdog.ping()
+        got = signals.wait(watchdog.timeout(_POLL))
+        for signum in got[handled:]:
+            name = signal.Signals(signum).name
+            if handled == 0:
+                _say(f"stopping on {name}")
+                sd_notify.notify("STOPPING=1", f"STATUS=stopping on {name}")
+                pipe.kill()
+            elif handled == 1:
+                _say(f"{name} again: stopping now, without waiting for cleanups")
+                pipe.terminate()
+            handled += 1
+    if not handled:
+        sd_notify.notify("STOPPING=1", "STATUS=stopping: every flow has ended")
 
 
 # ----- routine parameters, plugins, pipeline files (issue 13) -----
