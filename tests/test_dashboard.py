@@ -22,6 +22,7 @@ from helpers import clean_env, free_port, pipert_command, wait_for
 from pipert import PIPE_INFRASTRUCTURE, FrameFilter
 from pipert.dashboard import LogBook
 from pipert.frames import frame_log_message
+from pipert.top import render
 from test_control import daemons  # noqa: F401 (the fixture)
 
 TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard_target.py") + ":make_pipe"
@@ -212,3 +213,19 @@ def test_log_book_keeps_recent_records_and_latest_frames():
     assert book.frame("cam", "output")[1] == "QUJD" and book.frame("cam", "input") is None
     assert not FrameFilter().filter(record("pipe.f1.cam", frame))
     assert FrameFilter().filter(record("pipe.f1.cam", "output: a line that is not a frame"))
+
+
+def test_top_tables_show_latency_and_nodes_when_status_has_them():
+    structure = {"Wires": [{"source": "a", "destination": "b", "policy": "latest", "depth": 1}]}
+    status = {"routines": {"a": {"flow": "f", "state": "running", "fps": 9.5, "capacity": None, "messages_in": 0,
+                                 "messages_out": 12, "error": None},
+                           "b": {"flow": "g", "state": "crashed", "fps": 0.0, "capacity": 40.0, "messages_in": 12,
+                                 "messages_out": 0, "error": "main_logic: boom",
+                                 "latency": {"p50": 0.002, "p99": 0.0105}}},
+              "wires": [{"source": "a", "destination": "b", "depth": 1, "dropped": 3}],
+              "flows": {"f": {"pid": 11, "alive": True, "restarts": 0, "node": {"id": "abc", "host": "gpu-1"}},
+                        "g": {"pid": 12, "alive": False, "restarts": 2}}}
+    text = "\n".join(render(structure, status))
+    assert "2.0/10.5" in text and "main_logic: boom" in text and "latest/1" in text
+    assert [line.split() for line in text.splitlines() if line.startswith(("f ", "g "))] == \
+        [["f", "11", "alive", "0", "gpu-1"], ["g", "12", "ended", "2"]]
