@@ -455,7 +455,8 @@ function setField(input, value) {
   if (input.dataset.dirty || document.activeElement === input) return;
   if (input.tagName === "SELECT") input.value = JSON.stringify(value);
   else if (input.type === "checkbox") input.checked = Boolean(value);
-  else input.value = value === null || value === undefined ? "" : typeof value === "object" ? JSON.stringify(value) : value;
+  else if (value === null || value === undefined) input.value = "";
+  else input.value = typeof value === "object" ? JSON.stringify(value) : value;
 }
 
 function readField(input) {
@@ -521,7 +522,8 @@ function buildDetail() {
       event.preventDefault();
       const args = {};
       for (const [param, input] of Object.entries(inputs)) {
-        if (input.type === "checkbox" || input.tagName === "SELECT" || input.value !== "") args[param] = readField(input);
+        const given = input.type === "checkbox" || input.tagName === "SELECT" || input.value !== "";
+        if (given) args[param] = readField(input);
       }
       act(`${eventName} to ${name}`,
         `/routines/${encodeURIComponent(name)}/events/${encodeURIComponent(eventName)}/execute`, {extra_args: args});
