@@ -171,7 +171,7 @@ async function connect() {
     if (state.frames && /no routine/.test(error.message)) state.frames = null;
   }
   if (state.controller !== controller) return;
-  if ($("connection").textContent === "live") setConnection("reconnecting…", "down");
+  if (!$("connection").textContent.startsWith("the pipe has ended")) setConnection("no daemon: retrying…", "down");
   setTimeout(() => { if (state.controller === controller) connect(); }, state.retry);
   state.retry = Math.min(state.retry * 2, 5000);
 }
