@@ -23,6 +23,8 @@ setup(
         "PyYAML",
         "prometheus-client",
         "mcap",
+        "mcap-protobuf-support",
+        "foxglove-schemas-protobuf",
     ],
     extras_require={
         "ray": ["ray>=2.40"],

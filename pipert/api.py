@@ -9,6 +9,8 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /routines/<routine>/events/<event>/execute       send <event> to one routine
     /routines/events/<event>/execute                 send <event> to every routine handling it
     /routines/<routine>/params                       set parameters: the body is {name: value, ...}
+    /recording/start  /recording/stop  /recording    record wires to MCAP (extra_args {"path", "wires"}),
+                                                     stop it, its status
     /  /dashboard/<file>  /dashboard/stream          the web dashboard, its files, its live stream
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
@@ -66,12 +68,16 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/routines/events/<event>/execute"), "execute_all"),
     (_route("/routines/<routine>/events/<event>/execute"), "execute_routine"),
     (_route("/routines/<routine>/params"), "set_params"),
+    (_route("/recording/start"), "start_recording"),
+    (_route("/recording/stop"), "stop_recording"),
+    (_route("/recording"), "recording"),
     (_route(""), "page"),
     (_route("/dashboard/stream"), "stream"),
     (_route("/dashboard/<asset>"), "asset"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
-              "/routines/events/<event>/execute, /routines/<routine>/params, / (the dashboard), /dashboard/stream"
+              "/routines/events/<event>/execute, /routines/<routine>/params, /recording/start, /recording/stop, " \
+              "/recording, / (the dashboard), /dashboard/stream"
 _PUBLIC = ("page", "asset")  # the dashboard's page and files: code without data, served without the token
 
 
@@ -285,6 +291,17 @@ class APIWrapper:
 
     def _set_params(self, values: Any, routine: str) -> Dict[str, Any]:
         return self.control.set_params(routine, {} if values is None else values)
+
+    def _start_recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.control.start_recording(extra_args)
+
+    def _stop_recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        self._no_arguments("/recording/stop", extra_args)
+        return self.control.stop_recording()
+
+    def _recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        self._no_arguments("/recording", extra_args)
+        return self.control.recording()
 
     def _page(self, extra_args: Dict[str, Any]) -> Reply:
         return self.dashboard.asset("index.html")

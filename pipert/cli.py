@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import collections.abc
+import datetime
 import importlib
 import importlib.util
 import json
@@ -49,7 +50,8 @@ import dotenv
 
 from . import registry, sd_notify, security
 from .api import APIWrapper
-from .errors import BuildError, EventError
+from . import recording as recording_file
+from .errors import BuildError, EventError, RecordError
 from .events import events_of
 from .graph import mermaid
 from .params import declared_params
@@ -228,7 +230,7 @@ class _Signals:
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
         start: bool, ack_timeout: float, params: Sequence[str] = (),
         allowed_origins: Optional[List[str]] = None, allowed_hosts: Iterable[str] = (),
-        insecure: bool = False) -> int:
+        insecure: bool = False, record: Optional[str] = None, record_wires: Optional[str] = None) -> int:
     """Run the daemon (see the module docstring); the process's exit code."""
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
@@ -249,6 +251,12 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     _say(f"pipe {pipe.id} built: " + ", ".join(f"flow {n} (pid {f['pid']})" for n, f in flows.items()))
     servers: List[Any] = []  # each stops on its own once the pipe is shut down; join(timeout) waits for it
     try:
+        if record is not None:
+            try:
+                recording = pipe.record(record, record_wires)
+            except RecordError as exc:
+                raise UsageError(f"--record: {exc}") from None
+            _say(f"recording {', '.join(recording.wires)} to {recording.path}")
         if rpc is not None:
             servers.append(_serve_rpc(pipe, rpc, token, ack_timeout, insecure))
             _say(f"rpc listening on {rpc}")
@@ -282,6 +290,8 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
              f"out {routine['messages_out']}")
     for wire in status["wires"]:
         _say(f"wire {wire['source']} -> {wire['destination']}: dropped {wire['dropped']}")
+    if status["recording"] is not None:
+        _say(_recording_line(status["recording"]))
     died = sorted({r["flow"] for r in status["routines"].values() if r["state"] == "dead"})
     _say(f"pipe {pipe.id} stopped" + (f"; flows that died on their own: {died}" if died else ""))
     return 1 if died else 0
@@ -394,6 +404,52 @@ def _join_all(servers: List[Any]) -> None:
         server.join(_SERVER_STOP_TIMEOUT)
 
 
+def _recording_line(recording: Dict[str, Any]) -> str:
+    counts = ", ".join(f"{w} {recording['messages'][w]} (dropped {recording['dropped'][w]})"
+                       for w in recording["wires"])
+    error = f"; error: {recording['error']}" if recording["error"] else ""
+    return f"recording {recording['path']} {recording['state']}: {counts}{error}"
+
+
+# ----- recordings -----
+
+def _time(ns: Optional[int]) -> str:
+    if ns is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
+
+
+def record_info(path: str) -> int:
+    """``pipert record info FILE``: topics, message counts, duration, rates, drops."""
+    summary = recording_file.info(path)
+    state = "complete" if summary["complete"] else \
+        f"not finished (still being written, or cut short): read up to its last complete chunk ({summary['error']})"
+    print(f"{path}: {state}")
+    print(f"  start {_time(summary['start'])}, end {_time(summary['end'])}, duration {summary['duration']:.3f} s")
+    print(f"  {'topic':28} {'messages':>9} {'rate/s':>8} {'dropped':>8}  encoding")
+    for topic, entry in summary["topics"].items():
+        rate = "-" if entry["rate"] is None else f"{entry['rate']:.2f}"
+        encoding = ", ".join(entry["encodings"]) + (f" ({entry['schema']})" if entry["schema"] else "")
+        print(f"  {topic:28} {entry['messages']:>9} {rate:>8} {entry['dropped']:>8}  {encoding}")
+    return 0
+
+
+def replay_print(path: str, topics: Optional[List[str]], limit: Optional[int]) -> int:
+    """``pipert replay FILE``: each message as one line: time offset, topic, summary (no pixels)."""
+    start = None
+    shown = 0
+    for message in recording_file.in_time_order(recording_file.read_messages(path, topics)):
+        if message.topic.endswith(recording_file.IMAGE_SUFFIX) or message.topic == recording_file.STATS_TOPIC:
+            continue
+        start = message.log_time if start is None else start
+        print(f"{(message.log_time - start) / 1e9:10.3f}  {message.topic}  #{message.sequence}  "
+              f"{recording_file.summarize(message.value())}")
+        shown += 1
+        if limit is not None and shown >= limit:
+            break
+    return 0
+
+
 # ----- the zerorpc CLI -----
 
 def _pop_token(args: List[str]) -> Tuple[Optional[str], List[str]]:
@@ -475,6 +531,19 @@ def _parser() -> argparse.ArgumentParser:
     runner.add_argument("--insecure", action="store_true",
                         help="serve on a non-loopback address without a token (anyone who reaches it controls "
                              "the pipe; warned at start and in status)")
+    runner.add_argument("--record", metavar="FILE.mcap", help="record the wires into FILE.mcap (MCAP) from the start")
+    runner.add_argument("--record-wires", metavar="ROUTINES",
+                        help="with --record: record only the outputs of these routines (comma-separated)")
+    commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
+                        add_help=False)
+    record = commands.add_parser("record", help="look into recordings").add_subparsers(
+        dest="record_command", required=True, metavar="SUBCOMMAND")
+    record.add_parser("info", help="topics, message counts, duration, rates, drops of a recording").add_argument(
+        "file", metavar="FILE")
+    replay = commands.add_parser("replay", help="print a recording's messages (summaries, not pixels)")
+    replay.add_argument("file", metavar="FILE")
+    replay.add_argument("--topic", action="append", metavar="TOPIC", help="only this topic (repeatable)")
+    replay.add_argument("--limit", type=int, metavar="N", help="stop after N messages")
     top = commands.add_parser("top", help="the routine, wire and flow tables of a running daemon, refreshed in "
                                           "place (q quits)")
     top.add_argument("address", nargs="?", metavar="ADDRESS",
@@ -484,8 +553,6 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
     top.add_argument("--once", action="store_true", help="print the tables once and exit (also when the output "
                                                          "is not a terminal)")
-    commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
-                        add_help=False)
     return parser
 
 
@@ -512,6 +579,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _offline_command(args)
         if args.command == "top":
             return top_main(args)
+        if args.command in ("record", "replay"):
+            try:
+                if args.command == "record":
+                    return record_info(args.file)
+                return replay_print(args.file, args.topic, args.limit)
+            except OSError as exc:
+                return _fail(f"{exc}: give the path of a recording made with --record or pipe.record()")
+            except ValueError as exc:
+                return _fail(str(exc))
+            except BrokenPipeError:
+                return 0
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("pipert").addHandler(handler)
@@ -524,7 +602,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         servers = ([(f"RPC on {rpc}", security.endpoint_host(rpc))] if rpc else []) + \
             ([(f"HTTP on {api[0]}:{api[1]}", api[0])] if api else [])
         origins, hosts = _access(args, servers, token)
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts, args.insecure)
+        if args.record_wires and not args.record:
+            raise UsageError("--record-wires needs --record FILE.mcap")
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts,
+                   args.insecure, args.record, args.record_wires)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from .events import (KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, ST
                      handlers_of)
 from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
 from .params import plain
+from .recorder import FlowTap, switch_tap
 from .routine import Routine, SourceRoutine
 from .signals import received, signal_pipe
 from .timing import Histogram, wall_offset
@@ -33,6 +34,7 @@ from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
 
 IDLE, RUNNING, STOPPED, CRASHED, KILLED = "idle", "running", "stopped", "crashed", "killed"
 STATUS_INTERVAL = 0.5  # seconds between two counter reports of a flow
+TAP_DRAIN = 2.0  # seconds a flow that ends gives its recording tap to send what it holds
 _PR_SET_PDEATHSIG = 1
 
 _log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class _Runner:
         self.auto_interval = 0.0  # seconds between main_logic calls set by auto pacing
         self.log_data = False
         self.samplers = {d: FrameSampler(flow.pipe._frames_per_second) for d in ("input", "output")}
+        self.tap: Optional[FlowTap] = None  # set while this routine's output is recorded
         self.thread = threading.Thread(target=self._guarded_run, name=routine.name, daemon=True)
 
     def deliver(self, event: Event) -> None:
@@ -217,6 +220,9 @@ class _Runner:
             self.error = str(exc)
             return
         self.messages_out += 1
+        tap = self.tap
+        if tap is not None:
+            tap.offer(self.routine.name, data, self.stamp)
 
     def _handle(self, event: Event) -> bool:
         """Run one event; False once the routine is killed."""
@@ -389,6 +395,7 @@ class _FlowProcess:
         self.stop_signal: Optional[int] = None  # the stop signal this process got, if any
         self.hurried = False  # a second stop signal: exit without waiting for the routines
         self.runners = {r.name: _Runner(r, pipe._plans[r.name], self) for r in flow.routines}
+        self.tap: Optional[FlowTap] = None
 
     def send(self, message: tuple) -> None:
         with self._send_lock:
@@ -486,6 +493,9 @@ class _FlowProcess:
                         for routine, fps in message[1].items():
                             self.runners[routine].auto_interval = 1.0 / fps if fps else 0.0
                         continue
+                    if message[0] == "record":
+                        self.tap = switch_tap(self.tap, message[1], self.runners)
+                        continue
                     _, event_id, name, routines, params = message
                     for routine in routines:
                         self.runners[routine].deliver(Event(event_id, name, params))
@@ -502,6 +512,8 @@ class _FlowProcess:
                 fps_logged = now if log_fps else fps_logged
         for runner in self.runners.values():
             runner.thread.join()
+        if self.tap is not None:
+            self.tap.join(TAP_DRAIN)
         self._report(last, time.monotonic() - reported, False)
 
 

@@ -21,12 +21,13 @@ from multiprocessing.connection import Connection
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
-from .errors import BuildError, EventError
+from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
                      START_EVENT_NAME, STOP_EVENT_NAME, check_params, describe_handlers, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
 from .frames import FrameFilter
 from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
+from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .signals import STOP_SIGNALS, heeded
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
@@ -181,6 +182,8 @@ class Pipe:
         self._zygote_lost = False
         self._settled_until = 0.0  # until then, a stop signal reported by a flow needs no new wait
         self._replaced_handlers: Dict[int, Any] = {}
+        self._recording: Optional[Recording] = None
+        self._record_lock = threading.Lock()
 
     # ----- declaring the graph -----
 
@@ -568,6 +571,8 @@ class Pipe:
             for routine in self.flows[flow].routines:  # the zygote holds the values of build time
                 if routine.name in self._params_set:
                     self._dispatch(PARAMS_EVENT_NAME, {flow: [routine.name]}, routine.params)
+            if self._recording is not None:
+                self._recording.flow_started(flow)
             wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
                 self._dispatch(START_EVENT_NAME, {flow: wanted}, {})
@@ -720,6 +725,32 @@ class Pipe:
             self.logger.warning("event '%s' goes nowhere: no chosen routine handles it", event_name)
         return self._dispatch(event_name, resolved, params)
 
+    # ----- recording -----
+
+    def record(self, path: str, wires: Optional[List[str]] = None, **options: Any) -> Recording:
+        """Record the outputs of the routines ``wires`` (all routines with an output when None) into
+        the MCAP file ``path``, one topic per routine, until ``stop_recording()``, kill or exit.
+
+        Recording never slows the pipe: what it cannot keep up with is dropped and counted, in the
+        file and in ``status()["recording"]``. ``options`` are those of ``pipert.recorder.Recording``
+        (``compression``, ``chunk_size``, ``flush_interval``, ``queue``, ``buffer``, ``images``,
+        ``jpeg_quality``, ``overwrite``). Raises RecordError for a bad path, wire or option.
+        """
+        if not self._built or self._closed:
+            raise RecordError("record() needs a running pipe: call pipe.build() first")
+        with self._record_lock:
+            if self._recording is not None and self._recording.state in ("starting", "recording", "stopping"):
+                raise RecordError(f"the pipe already records to {self._recording.path}: stop_recording() first")
+            self._recording = Recording(self, path, wires, **options)
+            return self._recording
+
+    def stop_recording(self) -> Dict[str, Any]:
+        """End the recording: the flows send what they hold, the file is finished. Its final status."""
+        recording = self._recording
+        if recording is None:
+            raise RecordError("the pipe is not recording: start with pipe.record(path)")
+        return recording.stop()
+
     # ----- parameters at runtime -----
 
     def _routine(self, name: str) -> Routine:
@@ -861,6 +892,8 @@ class Pipe:
             if not self._all_exited.wait(self._kill_grace + 0.5):
                 self._terminate_stragglers()
                 self._all_exited.wait(5.0)
+        if self._recording is not None:
+            self._recording.stop()
         if self._zygote is not None:
             self._zygote.stop()
         for state in self._states.values():
@@ -927,4 +960,5 @@ class Pipe:
         for source, destination, flow, key in self._local:
             depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
             wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
-        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}
+        recording = self._recording.status() if self._recording is not None else None
+        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires, "recording": recording}
