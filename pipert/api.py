@@ -11,6 +11,7 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /routines/<routine>/params                       set parameters: the body is {name: value, ...}
     /recording/start  /recording/stop  /recording    record wires to MCAP (extra_args {"path", "wires"}),
                                                      stop it, its status
+    /  /dashboard/<file>  /dashboard/stream          the web dashboard, its files, its live stream
     /metrics                                         Prometheus metrics (text format)
     /healthz  /readyz                                health probes (no token needed)
 
@@ -35,8 +36,6 @@ requests. Only JSON is parsed: nothing received is ever unpickled.
 """
 from __future__ import annotations
 
-import dataclasses
-import http
 import json
 import logging
 import re
@@ -50,6 +49,7 @@ from gevent.pywsgi import LoggingLogAdapter
 
 from . import security
 from .control import Control, ControlError
+from .dashboard import Dashboard, Reply
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .health import readiness
 from .metrics import exposition
@@ -61,8 +61,7 @@ _log = logging.getLogger(__name__)
 
 
 def _route(pattern: str) -> "re.Pattern[str]":
-    return re.compile(pattern.replace("<routine>", "(?P<routine>[^/]+)").replace("<event>", "(?P<event>[^/]+)")
-                      + "/?")
+    return re.compile(re.sub(r"<(\w+)>", r"(?P<\1>[^/]+)", pattern) + "/?")
 
 
 _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
@@ -77,14 +76,19 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/recording/start"), "start_recording"),
     (_route("/recording/stop"), "stop_recording"),
     (_route("/recording"), "recording"),
+    (_route(""), "page"),
+    (_route("/dashboard/stream"), "stream"),
+    (_route("/dashboard/<asset>"), "asset"),
     (_route("/metrics"), "metrics"),
     (_route("/healthz"), "healthz"),
     (_route("/readyz"), "readyz"),
 ]
-_PROBES = ("healthz", "readyz")  # answered without the token: health probes carry none
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
               "/routines/events/<event>/execute, /routines/<routine>/params, /recording/start, /recording/stop, " \
-              "/recording, /metrics, /healthz, /readyz"
+              "/recording, / (the dashboard), /dashboard/stream, /metrics, /healthz, /readyz"
+# served without the token: the dashboard's page and files (code without data), and the health probes
+# (a probe carries no token)
+_PUBLIC = ("page", "asset", "healthz", "readyz")
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -119,15 +123,6 @@ def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
     if not isinstance(extra, dict):
         raise ControlError(f"\"extra_args\" must be a JSON object of event parameters, not {json.dumps(extra)[:200]}")
     return extra
-
-
-@dataclasses.dataclass
-class _Reply:
-    """A response that is not a JSON document with status 200 (metrics, a failing probe)."""
-
-    status: int
-    body: bytes
-    content_type: str
 
 
 class _Handler(security.LimitedHandler):
@@ -179,6 +174,7 @@ class APIWrapper:
         self.host = host
         self.port = port
         self.control = Control(pipe, token, ack_timeout)
+        self.dashboard = Dashboard(self.control)
         self.policy = security.AccessPolicy(host, token, allowed_origins, allowed_hosts)
         self.insecure = insecure
         self.limits = limits
@@ -223,6 +219,7 @@ class APIWrapper:
         try:
             self.control.wait_ended()
         finally:
+            self.dashboard.close()
             server.stop_when_answered(_STOP_TIMEOUT)
 
     # ----- the WSGI application -----
@@ -234,18 +231,16 @@ class APIWrapper:
             if method == "OPTIONS":  # a browser's CORS preflight (security adds its headers): no credentials
                 self._find(path)
                 return self._respond(start_response, 204, None, [("Allow", "GET, POST, OPTIONS")])
-            if not any(name in _PROBES and pattern.fullmatch(path) for pattern, name in _ROUTES):
+            if self._route_name(path) not in _PUBLIC:
                 self.control.authorize(_request_token(environ), _TOKEN_HELP)
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
             body = _json_body(environ, "a JSON object") if handler == self._set_params else _extra_args(environ)
-            reply = handler(body, **match)
-            if isinstance(reply, _Reply):
-                start_response(f"{reply.status} {http.HTTPStatus(reply.status).phrase}",
-                               [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))])
-                return [reply.body]
-            return self._respond(start_response, 200, reply)
+            result = handler(body, **match)
+            if isinstance(result, Reply):
+                return result.send(environ, start_response)
+            return self._respond(start_response, 200, result)
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -257,7 +252,11 @@ class APIWrapper:
             return self._respond(start_response, 500, {"error": f"{method} {path} failed inside the daemon: "
                                                                 "see its log"})
 
-    def _find(self, path: str) -> Tuple[Callable[..., Dict[str, Any]], Dict[str, str]]:
+    @staticmethod
+    def _route_name(path: str) -> Optional[str]:
+        return next((name for pattern, name in _ROUTES if pattern.fullmatch(path)), None)
+
+    def _find(self, path: str) -> Tuple[Callable[..., Any], Dict[str, str]]:
         for pattern, name in _ROUTES:
             match = pattern.fullmatch(path)
             if match:
@@ -297,23 +296,26 @@ class APIWrapper:
             return self._kill(extra_args)
         return self.control.send(event, None, extra_args)
 
-    def _metrics(self, extra_args: Dict[str, Any]) -> _Reply:
+    def _metrics(self, extra_args: Dict[str, Any]) -> Reply:
         self._no_arguments("/metrics", extra_args)
-        return _Reply(200, *exposition(self.control.pipe))
+        body, content_type = exposition(self.control.pipe)
+        return Reply(content_type, lambda environ: [body], [("Content-Length", str(len(body)))])
 
     def _healthz(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
         return {"status": "serving", "pipe": self.control.pipe.id}
 
-    def _readyz(self, extra_args: Dict[str, Any]) -> _Reply:
+    def _readyz(self, extra_args: Dict[str, Any]) -> Reply:
         reasons = readiness(self.control.pipe)
-        document = {"ready": not reasons, "reasons": reasons}
-        return _Reply(503 if reasons else 200, json.dumps(document).encode("utf-8"), "application/json")
+        body = json.dumps({"ready": not reasons, "reasons": reasons}).encode("utf-8")
+        return Reply("application/json", lambda environ: [body], [("Content-Length", str(len(body)))],
+                     status=503 if reasons else 200)
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)
 
     def _set_params(self, values: Any, routine: str) -> Dict[str, Any]:
         return self.control.set_params(routine, {} if values is None else values)
+
     def _start_recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
         return self.control.start_recording(extra_args)
 
@@ -324,3 +326,13 @@ class APIWrapper:
     def _recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
         self._no_arguments("/recording", extra_args)
         return self.control.recording()
+
+    def _page(self, extra_args: Dict[str, Any]) -> Reply:
+        return self.dashboard.asset("index.html")
+
+    def _asset(self, extra_args: Dict[str, Any], asset: str) -> Reply:
+        return self.dashboard.asset(asset)
+
+    def _stream(self, extra_args: Dict[str, Any]) -> Reply:
+        self._no_arguments("/dashboard/stream", extra_args)
+        return self.dashboard.stream()

@@ -23,8 +23,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 from . import shm
 from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
-                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
+                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, describe_handlers, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .frames import FrameFilter
 from .metrics import COUNTERS, HISTOGRAMS, EventStats, Totals
 from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
 from .recorder import Recording
@@ -46,6 +47,7 @@ def _default_logger() -> logging.Logger:
     if not logger.hasHandlers():
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(FrameFilter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     return logger
@@ -929,14 +931,18 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines, the events they handle and the parameters they declare (the cockpit's
-        ``pipe_creation`` message)."""
+        """The routines, the events they handle with their handlers' parameters and the parameters
+        they declare (the cockpit's ``pipe_creation`` message), and the wires, one per destination,
+        with policy and depth."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
                           "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "event_params": {e: p for e, p in describe_handlers(r).items() if e not in BUILTIN_EVENTS},
                           "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
             "Events": list(BUILTIN_EVENTS),
+            "Wires": [{"source": w.source.name, "destination": d.name, "policy": w.policy or self._wire_policy,
+                       "depth": w.depth or self._wire_depth} for w in self.wires for d in w.destinations],
         }
 
     def status(self) -> Dict[str, Any]:
