@@ -56,7 +56,7 @@ class Histogram:
         """Count the values appended since the last fold."""
         taken = self.samples[:]
         del self.samples[:len(taken)]
-        values = np.array(taken, dtype=float)
+        values = np.fromiter(taken, dtype=float, count=len(taken))
         if len(values):
             self.counts += np.bincount(np.searchsorted(self.bounds, values, side="left"),
                                        minlength=len(self.counts))
