@@ -434,9 +434,9 @@ class Pipe:
                     state.totals.take(state.routines, state.channels)
                 return
             kind = message[0]
-            if kind == "ack":  # its counts may be older than the last report's: keep those
-                state.routines.setdefault(message[2], {}).update(
-                    {k: v for k, v in message[4].items() if k not in COUNTERS})
+            if kind == "ack":  # counts only grow within a process: an ack older than the last report keeps those
+                known = state.routines.setdefault(message[2], {})
+                known.update({k: max(v, known.get(k, v)) if k in COUNTERS else v for k, v in message[4].items()})
                 result = self._results.get(message[1])
                 if result is not None:
                     result._ack(message[2], message[3])
