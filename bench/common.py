@@ -10,6 +10,8 @@ taken by the source and compared at the destination in another process.
 """
 import json
 import os
+import pickle
+import struct
 import sys
 import time
 
@@ -201,6 +203,50 @@ class SinkState:
         """Write what was recorded if the run ended early (in the routine's cleanup)."""
         if self.recorder is not None and not self.recorder.written:
             self.recorder.write(complete=False)
+
+
+# Peers without a message format of their own (iceoryx2, dora-rs) carry one message as a
+# byte buffer: a u32 length, the pickled metadata, then (frames) the 1080p frame at
+# META_BYTES, so the frame is a view of the transport's shared memory on both sides.
+META_BYTES = 256
+_META_LEN = struct.Struct("=I")
+
+
+def buffer_bytes(scenario):
+    """Bytes of one message buffer for a peer: metadata room, plus a frame."""
+    return META_BYTES + (0 if scenario == "small" else FRAME_BYTES)
+
+
+def frame_in(buffer):
+    """The 1080p frame inside a peer's message buffer (a view, no copy)."""
+    return np.frombuffer(buffer, np.uint8, FRAME_BYTES, META_BYTES).reshape(FRAME_SHAPE)
+
+
+def pack_meta(buffer, meta):
+    """Write ``meta`` (pickled) at the start of a peer's message buffer; return its length."""
+    body = pickle.dumps(meta, protocol=5)
+    _META_LEN.pack_into(buffer, 0, len(body))
+    buffer[_META_LEN.size:_META_LEN.size + len(body)] = body
+    return _META_LEN.size + len(body)
+
+
+def unpack_meta(buffer):
+    """The metadata a peer's message buffer starts with."""
+    size = _META_LEN.unpack_from(buffer, 0)[0]
+    return pickle.loads(buffer[_META_LEN.size:_META_LEN.size + size])
+
+
+def run_peer_source(state, send, all_done, make_buffer=None):
+    """The source loop shared by the peers: one message per schedule tick until every
+    destination reported (``all_done()``). Small messages: ``send(meta, None)``. Frames:
+    ``make_buffer()`` gives a message buffer in the transport's own memory, the frame is
+    stamped into it in place (no copy) and ``send(meta, buffer)`` sends it."""
+    state.start()
+    while not (state.reported and all_done()):
+        buffer = make_buffer() if make_buffer is not None else None
+        tag, counter, frame, checksum = state.next(None if buffer is None else frame_in(buffer))
+        del frame  # a transport may refuse to send while a view of its buffer is alive
+        send({"counter": counter, "tag": tag, "checksum": checksum, "ts": time.perf_counter()}, buffer)
 
 
 def frame_checksum(frame):
