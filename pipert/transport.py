@@ -5,9 +5,9 @@ Between flows it is pickled (protocol 5) once per wire; buffers of at least
 ``OOB_MIN`` bytes (numpy arrays) go out-of-band into the wire's shared-memory
 ``Pool`` and only small records travel through one ``ShmRing`` per remote
 destination. The receiver gets read-only numpy arrays that view the pool slot:
-no copy on receive. A slot is reused only when every receiver's flag says it
-released the slot (its arrays were garbage collected); only the owner counts,
-so no cross-process atomics are needed.
+no copy on receive. A slot is reused only when every receiver released its
+current use (its arrays are gone); each side writes only its own fields, so no
+cross-process atomics are needed.
 
 Every consumer waits on one ``Doorbell`` (a posix semaphore) that producers and
 events ring; it polls its inputs before waiting, so no wake-up is ever lost and
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
+import io
 import mmap
 import os
 import pickle
 import struct
+import sys
 import threading
-import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import posix_ipc
@@ -464,6 +466,11 @@ class Pool:
     The slots' segments are made by the producer flow, sized to the largest buffer
     seen, and named with its pid so a dead flow's are found. A producer can also
     ``allocate`` an array inside a slot and fill it: sending it then copies nothing.
+
+    Who still uses a slot is known without finalizers: every array handed out (the
+    producer's from ``allocate``, a receiver's from ``decode``) is a view of a uint8
+    array made for that one use, and numpy views keep that array as their ``base``,
+    so its reference count says whether any array of that use is alive.
     """
 
     def __init__(self, pipe_id: str, tag: str, slots: int, receivers: int) -> None:
@@ -476,10 +483,11 @@ class Pool:
         self._hdr = shm.create_segment(shm.name(pipe_id, pid, f"pool{tag}"), _POOL_HDR_SIZE + slots * self._row)
         self._released = shm.create_semaphore(shm.name(pipe_id, pid, f"released{tag}"), 0)
         self._reclaimed: Dict[Tuple[int, int], int] = {}  # owner: (slot, receiver) -> stamp it reclaimed
-        self._segments: Dict[int, Tuple[int, int, mmap.mmap, int]] = {}  # slot -> gen, capacity, map, address
-        self._owned: set = set()  # slots the producer's own arrays (from ``allocate``) still use
+        self._segments: Dict[int, Tuple[int, int, mmap.mmap, memoryview]] = {}  # slot -> gen, capacity, map, view
+        self._owned: Dict[int, np.ndarray] = {}  # slot -> the base of the producer's own arrays (``allocate``)
+        self._owned_ids: Dict[int, int] = {}  # id of that base -> slot
         self._next = 0
-        self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap]] = {}
+        self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap, memoryview]] = {}  # receiver's mappings
 
     def _segment_name(self, pid: int, slot: int, gen: int) -> str:
         return shm.name(self._pipe_id, pid, f"w{self._tag}s{slot}g{gen}")
@@ -499,10 +507,19 @@ class Pool:
         return all(row[4 + 4 * i:8 + 4 * i] == stamp or self._reclaimed.get((slot, i)) == current
                    for i in range(self._receivers))
 
+    def _producer_uses(self, slot: int) -> bool:
+        """True while an array from ``allocate`` in ``slot`` is alive (refs: the dict, the argument)."""
+        if slot not in self._owned:
+            return False
+        if sys.getrefcount(self._owned[slot]) > 2:
+            return True
+        del self._owned_ids[id(self._owned.pop(slot))]
+        return False
+
     def _find_free(self) -> Optional[int]:
         for k in range(self._slots):
             slot = (self._next + k) % self._slots
-            if slot not in self._owned and self._released_by_all(slot):
+            if not self._producer_uses(slot) and self._released_by_all(slot):
                 return slot
         return None
 
@@ -518,15 +535,16 @@ class Pool:
                 _wait(self._released, should_stop)
                 slot = self._find_free()
         self._hdr[0:4] = b"\x00\x00\x00\x00"
-        gen, capacity, mm, _ = self._segments.get(slot, (0, 0, None, 0))
+        gen, capacity, mm, view = self._segments.get(slot, (0, 0, None, None))
         if capacity < size:
             if mm is not None:
+                view.release()
                 mm.close()
                 posix_ipc.unlink_shared_memory(self._segment_name(os.getpid(), slot, gen))
             gen += 1
             capacity = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             mm = shm.create_segment(self._segment_name(os.getpid(), slot, gen), capacity)
-            self._segments[slot] = (gen, capacity, mm, ctypes.addressof(ctypes.c_char.from_buffer(mm)))
+            self._segments[slot] = (gen, capacity, mm, memoryview(mm))
         self._next = slot + 1
         return slot
 
@@ -537,38 +555,32 @@ class Pool:
         _U32.pack_into(self._hdr, off, stamp)
         return _REF.pack(slot, self._segments[slot][0], stamp, offset, size)
 
-    def _owned_slot(self, raw: memoryview) -> Optional[Tuple[int, int]]:
-        """(slot, offset) if ``raw`` lies in a slot the producer allocated and no receiver holds."""
-        if not self._owned:
-            return None
-        address = np.frombuffer(raw, dtype=np.uint8).ctypes.data
-        for slot in tuple(self._owned):
-            _, capacity, _, base = self._segments[slot]
-            if base <= address and address + raw.nbytes <= base + capacity and self._released_by_all(slot):
-                return slot, address - base
-        return None
-
-    def allocate(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[memoryview]:
-        """A writable buffer inside a slot, kept from reuse until the producer drops it."""
+    def allocate(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
+        """A writable uint8 array over a slot, kept from reuse while it or any view of it lives
+        (numpy views keep this array as their ``base``)."""
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
-        self._owned.add(slot)
-        holder = (ctypes.c_char * size).from_buffer(self._segments[slot][2])
-        weakref.finalize(holder, self._owned.discard, slot)
-        return memoryview(holder)
+        array = np.frombuffer(self._segments[slot][3], np.uint8, size)
+        self._owned[slot] = array
+        self._owned_ids[id(array)] = slot
+        return array
 
-    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
-        """Reference ``raw`` in the pool, held by every receiver: in place if it was allocated
-        here, else copied into a free slot. None if the pool is full under ``latest``."""
-        size = raw.nbytes
-        owned = self._owned_slot(raw)
-        if owned is not None:
-            return self._hold(owned[0], owned[1], size)
+    def store(self, array: np.ndarray, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
+        """Reference ``array`` in the pool, held by every receiver: in place if it lies in an
+        array from ``allocate`` that no receiver holds, else copied into a free slot (one
+        copy, whatever its layout). None if the pool is full under ``latest``."""
+        size = array.nbytes
+        slot = self._owned_ids.get(id(array.base))
+        if slot is not None and array.flags.c_contiguous and self._released_by_all(slot):
+            base = self._owned[slot]
+            offset = 0 if size == base.nbytes else \
+                array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+            return self._hold(slot, offset, size)
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
-        self._segments[slot][2][0:size] = raw
+        np.copyto(np.frombuffer(self._segments[slot][3], array.dtype, array.size).reshape(array.shape), array)
         return self._hold(slot, 0, size)
 
     def release(self, slot: int, receiver: int, stamp: int) -> None:
@@ -602,67 +614,145 @@ class Pool:
         self._released.close()
 
     def unstore(self, ref: bytes) -> None:
-        """Give back a slot that ``store`` filled but no receiver will see."""
+        """Give back a slot that a store filled but no receiver will see."""
         slot, _, stamp, _, _ = _REF.unpack(ref)
         for receiver in range(self._receivers):
             self._reclaimed[(slot, receiver)] = stamp
 
-    def view(self, pid: int, slot: int, gen: int, stamp: int, offset: int, size: int, receiver: int) -> memoryview:
-        """A read-only view into a slot that releases it when the last array using it is gone."""
+    def view(self, pid: int, slot: int, gen: int, offset: int, size: int) -> np.ndarray:
+        """A read-only uint8 array of ``size`` bytes of a producer's slot, made for one use."""
         cached = self._views.get((pid, slot))
         if cached is None or cached[0] != gen:
             if len(self._views) >= 4 * self._slots:
                 self._views.clear()  # mappings of a dead producer; arrays still using them keep them
-            cached = (gen, shm.open_segment(self._segment_name(pid, slot, gen)))
+            mm = shm.open_segment(self._segment_name(pid, slot, gen))
+            cached = (gen, mm, memoryview(mm).toreadonly())
             self._views[(pid, slot)] = cached
-        # numpy keeps the object under a memoryview alive, not the memoryview
-        # itself, so the finalizer goes on a ctypes array of our own over the slot.
-        holder = (ctypes.c_char * size).from_buffer(cached[1], offset)
-        weakref.finalize(holder, self.release, slot, receiver, stamp)
-        return memoryview(holder).toreadonly()
+        return np.frombuffer(cached[2], np.uint8, size, offset)
+
+    def sweep(self, held: List[Tuple[np.ndarray, int, int]], receiver: int) -> None:
+        """Release the slots of ``held`` uses (base, slot, stamp) whose arrays are all gone
+        (references left: the list's tuple and the argument)."""
+        alive = []
+        for use in held:
+            if sys.getrefcount(use[0]) > 2:
+                alive.append(use)
+            else:
+                self.release(use[1], receiver, use[2])
+        held[:] = alive
 
 
-def _refs(record: bytes) -> List[Tuple[int, int, int, int]]:
+def _refs(record: bytes) -> List[Tuple[int, int, int, int, int]]:
     count = _MSG.unpack_from(record, 0)[2]
     return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
 
 
+class _PoolFull(Exception):
+    """The pool had no free slot under ``latest``: the message is dropped."""
+
+
+def _slot_array(index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    """Stands for an array in the pool inside a pickle; ``_Decoder`` rebuilds it as a view."""
+    raise TransportError("a pool array can only be rebuilt by pipert's decoder")
+
+
+class _Encoder(pickle.Pickler):
+    """Pickles one message per ``encode``: numpy arrays of at least ``OOB_MIN`` bytes go to
+    the pool (in place if they were allocated there) and travel as a small reference.
+    Other objects, large ``bytes`` too, travel inline (up to the ring's capacity)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._file = io.BytesIO()
+        super().__init__(self._file, protocol=5)
+        self._pool = pool
+        self._refs: List[bytes] = []
+        self._block = True
+        self._should_stop: Callable[[], bool] = bool
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not np.ndarray or obj.nbytes < OOB_MIN or obj.dtype.hasobject:
+            return NotImplemented
+        ref = self._pool.store(obj, self._block, self._should_stop)
+        if ref is None:
+            raise _PoolFull()
+        self._refs.append(ref)
+        dtype = obj.dtype.str if obj.dtype.names is None and obj.dtype.subdtype is None else obj.dtype
+        return _slot_array, (len(self._refs) - 1, dtype, obj.shape)
+
+    def encode(self, obj: object, block: bool, should_stop: Callable[[], bool]) -> Tuple[bytes, List[bytes]]:
+        """(pickled body, pool references) of ``obj``."""
+        self._block, self._should_stop = block, should_stop
+        self._refs = refs = []
+        file = self._file
+        file.seek(0)
+        file.truncate()
+        try:
+            self.dump(obj)
+        except BaseException:
+            for ref in refs:
+                self._pool.unstore(ref)
+            raise
+        finally:
+            self.clear_memo()  # the memo would keep the message (and its arrays' slots) alive
+        return file.getvalue(), refs
+
+
+class _Decoder(pickle.Unpickler):
+    """Unpickles one message; its pool arrays become read-only views of the pool."""
+
+    def __init__(self, body: memoryview, bases: List[np.ndarray]) -> None:
+        super().__init__(io.BytesIO(body))
+        # a bound method would put the decoder in a cycle (its memo keeps it) that keeps the bases
+        self._rebuild = functools.partial(_view_array, bases)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name == "_slot_array" and module == __name__:
+            return self._rebuild
+        return super().find_class(module, name)
+
+
+def _view_array(bases: List[np.ndarray], index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    return bases[index].view(dtype).reshape(shape)
+
+
 def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
-           routine: str) -> Optional[bytes]:
-    """One record for every remote receiver of a wire, or None if the pool is full (``latest``)."""
-    big: list = []
+           routine: str, encoder: Optional[_Encoder] = None) -> Optional[bytes]:
+    """One record for every remote receiver of a wire, or None if the pool is full (``latest``).
+    ``encoder`` (one per sender, reused) saves making a pickler per message."""
     try:
         if pool is None:
-            body = pickle.dumps(obj, protocol=5)
+            body, refs = pickle.dumps(obj, protocol=5), []
         else:
-            body = pickle.dumps(obj, protocol=5,
-                                buffer_callback=lambda b: b.raw().nbytes < OOB_MIN or big.append(b))
+            body, refs = (encoder or _Encoder(pool)).encode(obj, block, should_stop)
+    except _PoolFull:
+        return None
+    except (Closed, TransportError):
+        raise
     except Exception as exc:
         raise TransportError(
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
-    if not big:
+    if not refs:
         return _MSG.pack(_MSG.size + len(body), _pid[0], 0) + body
-    refs = []
-    for buf in big:
-        ref = pool.store(buf.raw(), block, should_stop)
-        if ref is None:
-            for held in refs:
-                pool.unstore(held)
-            return None
-        refs.append(ref)
     size = _MSG.size + len(refs) * _REF.size + len(body)
     return b"".join((_MSG.pack(size, _pid[0], len(refs)), *refs, body))
 
 
-def decode(record: bytes, pool: Optional[Pool], receiver: int) -> object:
-    """The object in ``record``; its large buffers are read-only views of the pool."""
+def decode(record: bytes, pool: Optional[Pool], receiver: int,
+           held: Optional[List[Tuple[np.ndarray, int, int]]] = None) -> object:
+    """The object in ``record``; its large arrays are read-only views of the pool. Each use
+    of a pool slot is added to ``held`` (``Pool.sweep`` releases it once its arrays are gone)."""
     _, pid, count = _MSG.unpack_from(record, 0)
     if not count:
         return pickle.loads(memoryview(record)[_MSG.size:])
-    buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
-               for i in range(count)]
-    return pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
+    bases = []
+    for i in range(count):
+        slot, gen, stamp, offset, size = _REF.unpack_from(record, _MSG.size + i * _REF.size)
+        base = pool.view(pid, slot, gen, offset, size)
+        if held is not None:
+            held.append((base, slot, stamp))
+        bases.append(base)
+    return _Decoder(memoryview(record)[_MSG.size + count * _REF.size:], bases).load()
 
 
 _pid = [os.getpid()]
@@ -675,6 +765,7 @@ class RingReader:
     A ``block`` ring hands over every waiting record in one copy (less work per
     message while a fast producer fills it); a ``latest`` ring one at a time, the
     oldest of the newest ``depth``, so a slow consumer always gets recent data.
+    Pool slots whose arrays are gone are released at every poll.
     """
 
     def __init__(self, ring: "ShmRing | LatestRing", pool: Optional[Pool], receiver: int) -> None:
@@ -682,18 +773,21 @@ class RingReader:
         self._pool = pool
         self._receiver = receiver
         self._taken: collections.deque = collections.deque()
+        self._held: List[Tuple[np.ndarray, int, int]] = []
 
     def _release(self, record: bytes) -> None:
         self._pool.release_record(record, self._receiver)
 
     def poll(self) -> object:
+        if self._held:
+            self._pool.sweep(self._held, self._receiver)
         if not self._taken:
             self._taken.extend(self._ring.get(self._release))
             if not self._taken:
                 return EMPTY
         record = self._taken.popleft()
         try:
-            return decode(record, self._pool, self._receiver)
+            return decode(record, self._pool, self._receiver, self._held)
         except posix_ipc.ExistentialError:  # its producer died and its slots are gone
             self._release(record)
             return EMPTY
@@ -723,19 +817,23 @@ class WireSender:
         self._local = list(local)
         self._remote = list(remote)
         self._pool = pool
+        self._encoder = _Encoder(pool) if pool is not None else None
 
     def allocate(self, shape: Tuple[int, ...], dtype: np.dtype,
                  should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
         """A writable array in this wire's pool (None if the wire has no pool or it is full)."""
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if self._pool is None or size < OOB_MIN:
+        dtype = np.dtype(dtype)
+        count = 1
+        for n in shape:
+            count *= n
+        if self._pool is None or count * dtype.itemsize < OOB_MIN:
             return None
-        buffer = self._pool.allocate(size, self._block, should_stop)
-        return None if buffer is None else np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        base = self._pool.allocate(count * dtype.itemsize, self._block, should_stop)
+        return None if base is None else base.view(dtype).reshape(shape)
 
     def send(self, obj: object, should_stop: Callable[[], bool]) -> None:
         if self._remote:
-            record = encode(obj, self._pool, self._block, should_stop, self._routine)
+            record = encode(obj, self._pool, self._block, should_stop, self._routine, self._encoder)
             for target in self._remote:
                 if record is None:
                     target.ring.count_drop()
