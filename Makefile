@@ -23,7 +23,7 @@ $(CHROMIUM):
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/pipert run examples/video_analytics.py:create_pipe --rpc --api --start
+	$(VENV)/bin/pipert run examples/video_analytics.yaml --rpc --api --start
 
 test: install $(CHROMIUM)
 	$(PY) -m pytest

@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "ray": ["ray>=2.40"],
-        "test": ["pytest", "pytest-timeout", "playwright", "ray>=2.40"],
+        "test": ["pytest", "pytest-timeout", "playwright", "ray>=2.40", "wheel"],
     },
     entry_points={"console_scripts": ["pipert=pipert.cli:main"]},
 )

@@ -65,7 +65,7 @@ def transport(count: int, interval: float) -> dict:
             for n in range(count):
                 if interval:
                     time.sleep(interval)
-                sender.send({"counter": n, "ts": time.perf_counter(), "tag": "probe"}, never)
+                sender.send({"counter": n, "ts": time.perf_counter(), "tag": "probe"}, time.time(), never)
                 _STAMP.pack_into(board, 8 * (n % 500), time.perf_counter())
             os._exit(0)
         woke = time.perf_counter()
@@ -75,6 +75,7 @@ def transport(count: int, interval: float) -> dict:
                 bell.acquire()
                 woke = time.perf_counter()
                 continue
+            message = message[1]
             decoded.append(time.perf_counter() - message["ts"])
             awake.append(woke - message["ts"])
             sent.append(_STAMP.unpack_from(board, 8 * (message["counter"] % 500))[0] - message["ts"])

@@ -2,7 +2,7 @@
 
 Run any pipe as a daemon, e.g. the demo:
 
-    pipert run examples/video_analytics.py:create_pipe --rpc
+    pipert run examples/video_analytics.yaml --rpc
 
 and in another terminal:
 

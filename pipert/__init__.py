@@ -3,7 +3,10 @@ from .api import APIWrapper
 from .errors import BuildError, EventError, PipeError, TransportError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, events
 from .log import PIPE_INFRASTRUCTURE
+from .params import Param, ParamError
 from .pipe import EventResult, Pipe
+from .pipeline_file import PipelineFileError, check_pipeline, load_pipeline
+from .registry import RegistryError, register
 from .routine import DestinationRoutine, MiddleRoutine, Routine, SourceRoutine
 from .rpc import RPCPipeWrapper
 from .socket_logger import get_socket_logger
@@ -11,6 +14,7 @@ from .wire import Wire
 
 __all__ = [
     "APIWrapper", "BuildError", "DestinationRoutine", "EventError", "EventResult", "KILL_EVENT_NAME",
-    "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Pipe", "PipeError", "RPCPipeWrapper", "Routine", "START_EVENT_NAME",
-    "STOP_EVENT_NAME", "SourceRoutine", "TransportError", "Wire", "events", "get_socket_logger",
+    "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Param", "ParamError", "Pipe", "PipeError", "PipelineFileError",
+    "RPCPipeWrapper", "RegistryError", "Routine", "START_EVENT_NAME", "STOP_EVENT_NAME", "SourceRoutine",
+    "TransportError", "Wire", "check_pipeline", "events", "get_socket_logger", "load_pipeline", "register",
 ]

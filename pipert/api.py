@@ -8,15 +8,21 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /pipe/structure  /status                         the pipe's structure and counters
     /routines/<routine>/events/<event>/execute       send <event> to one routine
     /routines/events/<event>/execute                 send <event> to every routine handling it
+    /routines/<routine>/params                       set parameters: the body is {name: value, ...}
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
-``/routines/events/kill/execute`` is ``/kill``). Responses are JSON: an event's
+``/routines/events/kill/execute`` is ``/kill``). The params route takes the
+parameters themselves as its JSON body, not ``extra_args``, and answers with the
+acknowledgement and ``params``, the values now in force. Responses are JSON: an event's
 acknowledgement ``{"event", "handled_by", "errors", "pending"}``, or
-``{"error": "..."}`` with a 4xx status for bad input (400, 413 over 1 MB), a
-missing or wrong token (401), an unknown route or routine (404) or method
-(405). CORS is open so the cockpit's browser page can call the API; preflight
-requests need no token.
+``{"error": "..."}`` with a 4xx status for bad input (400), a missing or wrong
+token (401), an unknown route or routine (404) or method (405).
+
+Every request first passes ``pipert.security``: a ``Host`` or a browser page's
+origin that is not allowed gets 403 (the cockpit's origin is allowed by
+default, and gets CORS headers naming it), a body over 1 MiB 413, a client too
+slow to send its request 408. Preflight requests need no token.
 
 The server is gevent's WSGI server on its own thread and hub; blocking waits
 run on that hub's thread pool, so a slow event handler never delays other
@@ -33,22 +39,15 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import gevent
-import gevent.pool
-from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+from gevent.pywsgi import LoggingLogAdapter
 
+from . import security
 from .control import Control, ControlError
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
-_MAX_BODY = 1 << 20
-_MAX_CONNECTIONS = 100
 _STOP_TIMEOUT = 3.0  # seconds requests under way get to finish when the server stops
 _TOKEN_HELP = "send the header 'Authorization: Bearer TOKEN' or 'X-Pipert-Token: TOKEN'"
-_PREFLIGHT = [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-              ("Access-Control-Allow-Headers", "Content-Type, Authorization, X-Pipert-Token"),
-              ("Access-Control-Max-Age", "600")]
-_STATUS_TEXT = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-                405: "Method Not Allowed", 413: "Payload Too Large", 500: "Internal Server Error"}
 _log = logging.getLogger(__name__)
 
 
@@ -65,9 +64,10 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/status"), "status"),
     (_route("/routines/events/<event>/execute"), "execute_all"),
     (_route("/routines/<routine>/events/<event>/execute"), "execute_routine"),
+    (_route("/routines/<routine>/params"), "set_params"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
-              "/routines/events/<event>/execute"
+              "/routines/events/<event>/execute, /routines/<routine>/params"
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -77,21 +77,22 @@ def _request_token(environ: Dict[str, Any]) -> Optional[str]:
     return environ.get("HTTP_X_PIPERT_TOKEN") or None
 
 
+def _json_body(environ: Dict[str, Any], expected: str) -> Any:
+    """The request's JSON body; None without a body. ``expected`` says what to send instead of bad JSON."""
+    body = environ["wsgi.input"].read()  # read whole and bounded by pipert.security
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ControlError(f"the request body is not valid JSON ({exc}): send {expected}") from None
+
+
 def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
     """The ``extra_args`` of the request's JSON body; {} without a body."""
-    length = environ.get("CONTENT_LENGTH") or ""
-    if length.isdigit() and int(length) > _MAX_BODY:
-        raise ControlError(f"the request body has {length} bytes; the limit is {_MAX_BODY}", 413)
-    body = environ["wsgi.input"].read(_MAX_BODY + 1)
-    if len(body) > _MAX_BODY:
-        raise ControlError(f"the request body is over {_MAX_BODY} bytes", 413)
-    if not body.strip():
+    document = _json_body(environ, "{\"extra_args\": {...}} or no body")
+    if document is None:
         return {}
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ControlError(f"the request body is not valid JSON ({exc}): send {{\"extra_args\": {{...}}}} "
-                           "or no body") from None
     if not isinstance(document, dict) or set(document) - {"extra_args"}:
         raise ControlError(f"the request body must be a JSON object {{\"extra_args\": {{...}}}}, not "
                            f"{json.dumps(document)[:200]}")
@@ -103,7 +104,7 @@ def _extra_args(environ: Dict[str, Any]) -> Dict[str, Any]:
     return extra
 
 
-class _Handler(WSGIHandler):
+class _Handler(security.LimitedHandler):
     """Counts the requests being answered, so that stopping waits for them but not for idle
     keep-alive connections."""
 
@@ -115,8 +116,8 @@ class _Handler(WSGIHandler):
             self.server.answering -= 1
 
 
-class _Server(WSGIServer):
-    """gevent's WSGI server, answering without Nagle's delay (its response goes out in more than one
+class _Server(security.GuardedServer):
+    """The guarded WSGI server, answering without Nagle's delay (its response goes out in more than one
     write, which on a keep-alive connection would wait ~40 ms for the client's delayed ACK), and
     stopping as soon as the requests under way are answered."""
 
@@ -138,13 +139,23 @@ class _Server(WSGIServer):
 
 class APIWrapper:
     """An HTTP server on ``host``:``port`` that controls ``pipe``; with ``token`` set it refuses
-    requests that lack it. ``ack_timeout`` bounds the wait for an event's acknowledgements."""
+    requests that lack it. ``ack_timeout`` bounds the wait for an event's acknowledgements.
+
+    Browser pages may call it from ``allowed_origins`` (None: the cockpit's, see
+    ``security.default_origins``) besides its own; it answers the ``Host`` names ``allowed_hosts``
+    besides its addresses. A non-loopback ``host`` needs a ``token``, or ``insecure=True``.
+    ``limits`` bound what one client may cost (``security.Limits``)."""
 
     def __init__(self, host: str, port: int, pipe: Pipe, token: Optional[str] = None,
-                 ack_timeout: float = 10.0) -> None:
+                 ack_timeout: float = 10.0, allowed_origins: Optional[Iterable[str]] = None,
+                 allowed_hosts: Iterable[str] = (), insecure: bool = False,
+                 limits: security.Limits = security.Limits()) -> None:
         self.host = host
         self.port = port
         self.control = Control(pipe, token, ack_timeout)
+        self.policy = security.AccessPolicy(host, token, allowed_origins, allowed_hosts)
+        self.insecure = insecure
+        self.limits = limits
         self.address: Optional[Tuple[str, int]] = None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -157,6 +168,8 @@ class APIWrapper:
         is shut down, after answering the requests under way."""
         if self._thread is not None:
             raise RuntimeError("this APIWrapper already runs: create one per server")
+        security.check_exposure(self.control.pipe, f"HTTP on {self.host}:{self.port}", self.host, self.control.token,
+                                self.insecure)
         listening = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(listening,), name="pipert-http", daemon=True)
         self._thread.start()
@@ -172,7 +185,7 @@ class APIWrapper:
 
     def _serve(self, listening: threading.Event) -> None:
         try:
-            server = _Server((self.host, self.port), self, spawn=gevent.pool.Pool(_MAX_CONNECTIONS),
+            server = _Server((self.host, self.port), self, self.policy, self.limits,
                              log=LoggingLogAdapter(_log, logging.DEBUG), error_log=_log)
             server.start()
         except BaseException as exc:
@@ -192,14 +205,15 @@ class APIWrapper:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
         try:
-            if method == "OPTIONS":  # a browser's CORS preflight: it carries no credentials
+            if method == "OPTIONS":  # a browser's CORS preflight (security adds its headers): no credentials
                 self._find(path)
-                return self._respond(start_response, 204, None, _PREFLIGHT)
+                return self._respond(start_response, 204, None, [("Allow", "GET, POST, OPTIONS")])
             self.control.authorize(_request_token(environ), _TOKEN_HELP)
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
-            return self._respond(start_response, 200, handler(_extra_args(environ), **match))
+            body = _json_body(environ, "a JSON object") if handler == self._set_params else _extra_args(environ)
+            return self._respond(start_response, 200, handler(body, **match))
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -218,15 +232,7 @@ class APIWrapper:
                 return getattr(self, f"_{name}"), match.groupdict()
         raise ControlError(f"there is no route {path}; routes are {_ROUTE_LIST}", 404)
 
-    @staticmethod
-    def _respond(start_response: Callable, status: int, document: Any,
-                 headers: Iterable[Tuple[str, str]] = ()) -> List[bytes]:
-        body = b"" if document is None else json.dumps(document).encode("utf-8")
-        all_headers = [("Access-Control-Allow-Origin", "*"), *headers]
-        if document is not None:
-            all_headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {_STATUS_TEXT[status]}", all_headers)
-        return [body]
+    _respond = staticmethod(security.json_response)
 
     # ----- routes -----
 
@@ -261,3 +267,6 @@ class APIWrapper:
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)
+
+    def _set_params(self, values: Any, routine: str) -> Dict[str, Any]:
+        return self.control.set_params(routine, {} if values is None else values)

@@ -1,15 +1,22 @@
 """The ``pipert`` command.
 
-``pipert run TARGET`` runs a pipe as a daemon: it imports TARGET
-(``path/to/file.py:factory`` or ``package.module:factory``, a callable that
-returns a built or unbuilt ``Pipe``), builds the pipe, starts the control
+``pipert run TARGET`` runs a pipe as a daemon: it reads TARGET (a pipeline
+file, ``.yaml``/``.yml``/``.json``) or imports it (``path/to/file.py:factory`` or
+``package.module:factory``, a callable that returns a built or unbuilt ``Pipe``),
+sets the ``--param`` values, builds the pipe, starts the control
 servers asked for, optionally sends ``start``, and runs until the pipe is killed
 (over RPC or HTTP, or by a routine) or the daemon gets SIGINT/SIGTERM. Then it
 kills what still runs, joins every flow, frees the shared memory, prints what
 every routine and wire did, and exits 0 (1 if a flow died on its own).
 Settings come from the flags, else the environment, else the nearest ``.env``:
-``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``. Once the
-servers listen it prints their addresses, then ``pipert: ready``.
+``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``,
+``PIPERT_ALLOWED_ORIGINS``, ``PIPERT_ALLOWED_HOSTS``. A server on an address other
+than loopback needs a token (or ``--insecure``). Once the servers listen it
+prints their addresses, then ``pipert: ready``.
+
+``pipert plugins`` lists the registered routines, ``pipert check FILE...``
+checks pipeline files without running them and ``pipert graph TARGET`` prints a
+pipeline as a Mermaid flowchart.
 
 ``pipert zerorpc ARGS...`` is the zerorpc CLI (zerorpc 0.6.3's own, which
 crashes on Python 3.10+ at ``collections.Iterator``), with ``--token`` (or
@@ -22,7 +29,7 @@ import collections
 import collections.abc
 import importlib
 import importlib.util
-import ipaddress
+import json
 import logging
 import os
 import queue
@@ -30,14 +37,19 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, List, Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import dotenv
 
+from . import registry, security
 from .api import APIWrapper
-from .errors import BuildError
+from .errors import BuildError, EventError
+from .events import events_of
+from .graph import mermaid
+from .params import declared_params
 from .pipe import Pipe
+from .pipeline_file import check_pipeline, is_pipeline_file, load_pipeline
+from .routine import kind_of
 from .rpc import RPCPipeWrapper, SendToken
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
@@ -85,17 +97,36 @@ def _setting(flag: Optional[str], variable: str) -> Optional[str]:
     return flag if flag is not None else (os.environ.get(variable) or None)
 
 
-def _is_loopback(host: str) -> bool:
+def _access(args: argparse.Namespace, servers: List[Tuple[str, Optional[str]]],
+            token: Optional[str]) -> Tuple[Optional[List[str]], List[str]]:
+    """The allowed browser origins (None: the cockpit's) and extra Host names; refuses servers
+    (what, host) off loopback without a token unless --insecure."""
+    origins = args.allow_origin or security.split_list(os.environ.get(security.ORIGINS_VARIABLE)) or None
+    hosts = args.allow_host or security.split_list(os.environ.get(security.HOSTS_VARIABLE))
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+        origins = None if origins is None else [security.normalize_origin(origin) for origin in origins]
+        hosts = [security.host_name(host) for host in hosts]
+    except ValueError as exc:
+        raise UsageError(f"{exc} (from --allow-origin/--allow-host, {security.ORIGINS_VARIABLE} or "
+                         f"{security.HOSTS_VARIABLE})") from None
+    for what, host in servers:
+        if not args.insecure and security.needs_token(host, token):
+            raise UsageError(f"refusing to serve {what} without a token: anyone who can reach that "
+                             f"address could pause, kill or drive the pipeline. Set one with --token TOKEN, or "
+                             f"{TOKEN_VARIABLE}=TOKEN in the environment or in .env (clients then send it); or "
+                             "bind to 127.0.0.1; or pass --insecure to serve without one anyway")
+    return origins, hosts
 
 
 # ----- the target -----
 
 def load_target(spec: str) -> Pipe:
-    """Import ``path/to/file.py:factory`` or ``package.module:factory`` and return the pipe it makes."""
+    """The pipe of a pipeline file (``.yaml``, ``.yml``, ``.json``), or of a factory: import
+    ``path/to/file.py:factory`` or ``package.module:factory`` and return the pipe it makes."""
+    if is_pipeline_file(spec):
+        if not os.path.isfile(spec):
+            raise UsageError(f"there is no pipeline file {os.path.abspath(spec)}")
+        return load_pipeline(spec)
     location, _, attribute = spec.rpartition(":")
     if not location or not attribute:
         raise UsageError(f"TARGET {spec!r} names no factory: write path/to/file.py:factory or "
@@ -135,13 +166,14 @@ def load_target(spec: str) -> Pipe:
 
 # ----- servers -----
 
-def _serve_rpc(pipe: Pipe, endpoint: str, token: Optional[str], ack_timeout: float) -> threading.Thread:
+def _serve_rpc(pipe: Pipe, endpoint: str, token: Optional[str], ack_timeout: float,
+               insecure: bool) -> threading.Thread:
     """Run an RPCPipeWrapper on its own thread (and gevent hub); returns once it is bound."""
     bound: "queue.Queue[Optional[BaseException]]" = queue.Queue()
 
     def serve() -> None:
         try:
-            server = RPCPipeWrapper(pipe, token=token, ack_timeout=ack_timeout)
+            server = RPCPipeWrapper(pipe, token=token, ack_timeout=ack_timeout, insecure=insecure)
             server.bind(endpoint)
         except BaseException as exc:
             bound.put(exc)
@@ -176,11 +208,14 @@ class _Signals:
 
 
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
-        start: bool, ack_timeout: float) -> int:
+        start: bool, ack_timeout: float, params: Sequence[str] = (),
+        allowed_origins: Optional[List[str]] = None, allowed_hosts: Iterable[str] = (),
+        insecure: bool = False) -> int:
     """Run the daemon (see the module docstring); the process's exit code."""
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
         pipe = load_target(target)
+        apply_param_flags(pipe, params)
         if not pipe.status()["flows"]:  # flows get a status at build
             pipe.build()
     except KeyboardInterrupt:
@@ -197,10 +232,11 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     servers: List[Any] = []  # each stops on its own once the pipe is shut down; join(timeout) waits for it
     try:
         if rpc is not None:
-            servers.append(_serve_rpc(pipe, rpc, token, ack_timeout))
+            servers.append(_serve_rpc(pipe, rpc, token, ack_timeout, insecure))
             _say(f"rpc listening on {rpc}")
         if api is not None:
-            http = APIWrapper(api[0], api[1], pipe, token=token, ack_timeout=ack_timeout)
+            http = APIWrapper(api[0], api[1], pipe, token=token, ack_timeout=ack_timeout,
+                              allowed_origins=allowed_origins, allowed_hosts=allowed_hosts, insecure=insecure)
             try:
                 http.run()
             except OSError as exc:
@@ -209,6 +245,8 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
             servers.append(http)
             host, port = http.address
             _say(f"http listening on http://{f'[{host}]' if ':' in host else host}:{port}")
+            origins = ", ".join(sorted(http.policy.origins)) or "no other"
+            _say(f"http answers browser pages from its own origin and {origins}")
     except UsageError as exc:
         pipe.join(to_kill=True)
         _join_all(servers)
@@ -235,6 +273,82 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     died = sorted({r["flow"] for r in status["routines"].values() if r["state"] == "dead"})
     _say(f"pipe {pipe.id} stopped" + (f"; flows that died on their own: {died}" if died else ""))
     return 1 if died else 0
+
+
+# ----- routine parameters, plugins, pipeline files (issue 13) -----
+
+def apply_param_flags(pipe: Pipe, assignments: Sequence[str]) -> None:
+    """Apply ``--param`` assignments to an unbuilt pipe: ``NAME=VALUE`` cascades like the pipe's
+    params, ``ROUTINE.NAME=VALUE`` sets one routine's; the text is converted to the declared type."""
+    for assignment in assignments:
+        target, equals, value = assignment.partition("=")
+        routine, dot, name = target.rpartition(".")
+        if not equals or not name.isidentifier() or (dot and not routine):
+            raise UsageError(f"--param {assignment!r} is not NAME=VALUE or ROUTINE.NAME=VALUE: write e.g. "
+                             "--param fps=30 or --param det.min_area=800")
+        if pipe.built:
+            raise UsageError(f"--param {assignment!r}: the target built its pipe itself; return it unbuilt so "
+                             "that parameters can be set before the flows start")
+        if routine:
+            try:
+                pipe.set_params(routine, **{name: value})
+            except EventError as exc:
+                raise UsageError(f"--param {assignment!r}: {exc}") from None
+        else:
+            pipe.params[name] = value
+
+
+def _describe_param(name: str, described: Dict[str, Any]) -> str:
+    parts = [described["type"]]
+    parts += [f"one of {described['choices']}"] if "choices" in described else []
+    parts += [f"{bound} {described[key]}" for key, bound in (("min", ">="), ("max", "<=")) if key in described]
+    parts.append("required" if described["required"] else f"default {described['default']!r}")
+    return f"{name} ({', '.join(parts)})" + (f": {described['help']}" if described["help"] else "")
+
+
+def plugins_main(as_json: bool) -> int:
+    """``pipert plugins``: every registered routine with its kind, package, parameters and events."""
+    listing = [{"name": r.name, "kind": kind_of(r.cls), "package": r.package,
+                "class": f"{r.cls.__module__}:{r.cls.__qualname__}", "events": events_of(r.cls),
+                "params": {n: p.describe() for n, p in declared_params(r.cls).items()}}
+               for r in registry.routines().values()]
+    failures = registry.failures()
+    if as_json:
+        print(json.dumps({"routines": listing, "failed": failures}, indent=2, default=repr))
+    else:
+        for entry in listing:
+            print(f"{entry['name']}  ({entry['kind']}; package {entry['package']}; {entry['class']})")
+            for name, described in entry["params"].items():
+                print(f"    {_describe_param(name, described)}")
+            print(f"    events: {', '.join(entry['events']) or 'none'}")
+        if not listing:
+            print("no routines are registered: install a plugin package or use @pipert.register")
+    for plugin, error in failures.items():
+        print(f"pipert: plugin {plugin} failed to load: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def check_main(paths: Sequence[str]) -> int:
+    """``pipert check FILE...``: every problem of each pipeline file, as FILE:LINE: message; 1 if any."""
+    failed = False
+    for path in paths:
+        pipe, problems = check_pipeline(path)
+        for problem in problems:
+            print(problem)
+        if pipe is not None:
+            routines = sum(len(flow.routines) for flow in pipe.flows.values())
+            print(f"{path}: ok: {len(pipe.flows)} flows, {routines} routines, {len(pipe.wires)} wires")
+        failed = failed or pipe is None
+    return 1 if failed else 0
+
+
+def graph_main(target: str) -> int:
+    """``pipert graph TARGET``: the pipeline as a Mermaid flowchart."""
+    pipe = load_target(target)
+    if not pipe.built:
+        pipe.validate()
+    print(mermaid(pipe), end="")
+    return 0
 
 
 def _join_all(servers: List[Any]) -> None:
@@ -290,7 +404,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     runner = commands.add_parser("run", help="run a pipe as a daemon with its control servers",
                                  description=__doc__.split("\n\n")[1])
-    runner.add_argument("target", metavar="TARGET", help="path/to/file.py:factory or package.module:factory")
+    runner.add_argument("target", metavar="TARGET", help="a pipeline file (.yaml, .yml, .json), "
+                                                         "path/to/file.py:factory or package.module:factory")
     runner.add_argument("--rpc", nargs="?", const=DEFAULT_RPC, metavar="ENDPOINT",
                         help=f"serve zerorpc on ENDPOINT (tcp://HOST:PORT, HOST:PORT or PORT; host 127.0.0.1); "
                              f"alone: {DEFAULT_RPC}; default ${RPC_VARIABLE}")
@@ -303,6 +418,27 @@ def _parser() -> argparse.ArgumentParser:
                              "(prefer it: flags show in ps)")
     runner.add_argument("--ack-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long a control call waits for an event's handlers (default 10)")
+    runner.add_argument("--param", action="append", default=[], metavar="[ROUTINE.]NAME=VALUE",
+                        help="set a parameter before the pipe starts: NAME=VALUE for every routine declaring it "
+                             "(unless the routine sets its own), ROUTINE.NAME=VALUE for one; repeatable")
+    plugins = commands.add_parser("plugins", help="list the registered routines: kind, package, parameters, events")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    checker = commands.add_parser("check", help="check pipeline files without running them: every problem, "
+                                                "with FILE:LINE")
+    checker.add_argument("files", nargs="+", metavar="FILE", help="a pipeline file (.yaml, .yml or .json)")
+    grapher = commands.add_parser("graph", help="print a pipeline as a Mermaid flowchart")
+    grapher.add_argument("target", metavar="TARGET", help="a pipeline file, path/to/file.py:factory or "
+                                                          "package.module:factory")
+    runner.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                        help="let browser pages from ORIGIN (scheme://host[:port]) call the HTTP API; repeatable; "
+                             f"default ${security.ORIGINS_VARIABLE} (comma-separated), else the cockpit's "
+                             f"(SOCKET_LOGGER_URL's origin and {security.COCKPIT_ORIGIN})")
+    runner.add_argument("--allow-host", action="append", metavar="NAME",
+                        help="answer HTTP requests addressed to NAME (Host header) besides the bound address, "
+                             f"localhost and loopback; repeatable; default ${security.HOSTS_VARIABLE}")
+    runner.add_argument("--insecure", action="store_true",
+                        help="serve on a non-loopback address without a token (anyone who reaches it controls "
+                             "the pipe; warned at start and in status)")
     commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
                         add_help=False)
     return parser
@@ -316,6 +452,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv[:1] == ["zerorpc"]:
             return zerorpc_main(argv[1:])
         args = _parser().parse_args(argv)
+        if args.command in ("plugins", "check", "graph"):
+            return _offline_command(args)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("pipert").addHandler(handler)
@@ -325,12 +463,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         api = _setting(args.api, API_VARIABLE)
         api = api_address(api) if api else None
         token = _setting(args.token, TOKEN_VARIABLE)
-        hosts = ([urlsplit(rpc).hostname or rpc] if rpc else []) + ([api[0]] if api else [])
-        public = [host for host in hosts if not _is_loopback(host)]
-        if public and not token:
-            _log.warning("control servers listen on %s without a token: anyone who reaches them controls the "
-                         "pipe; set %s", public, TOKEN_VARIABLE)
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout)
+        servers = ([(f"RPC on {rpc}", security.endpoint_host(rpc))] if rpc else []) + \
+            ([(f"HTTP on {api[0]}:{api[1]}", api[0])] if api else [])
+        origins, hosts = _access(args, servers, token)
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts, args.insecure)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _offline_command(args: argparse.Namespace) -> int:
+    """The subcommands that read and print and run nothing: plugins, check, graph."""
+    logging.basicConfig(format="pipert: %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        if args.command == "plugins":
+            return plugins_main(args.json)
+        if args.command == "check":
+            return check_main(args.files)
+        return graph_main(args.target)
+    except (UsageError, BuildError) as exc:
+        return _fail(str(exc))

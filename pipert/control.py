@@ -35,8 +35,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 
+from . import security
 from .errors import PipeError
-from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
+from .events import KILL_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
 TARGET_KEYS = ("flows", "routines")
@@ -181,9 +182,18 @@ class Control:
 
     def send(self, name: Any, targets: Optional[Dict[str, List[str]]] = None,
              params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """Send event ``name`` to ``targets`` ({flow: [routine]}, None = all) and wait for its acknowledgement."""
+        """Send event ``name`` to ``targets`` ({flow: [routine]}, None = all) and wait for its acknowledgement.
+
+        The event ``set_params`` to one routine is ``set_params`` (so the cockpit's event routes set parameters).
+        """
         if not isinstance(name, str) or not name:
             raise ControlError(f"event name {name!r} must be a non-empty string, e.g. 'start' or 'PING'")
+        if name == PARAMS_EVENT_NAME:
+            routines = [routine for chosen in (targets or {}).values() for routine in chosen]
+            if len(routines) != 1:
+                raise ControlError(f"'{PARAMS_EVENT_NAME}' goes to exactly one routine, named in \"routines\": e.g. "
+                                   f"execute {PARAMS_EVENT_NAME} '{{\"routines\": [\"det\"], \"min_area\": 800}}'")
+            return self.set_params(routines[0], params)
         return self._off_hub(self._send_and_wait, name, targets, dict(params or {}))
 
     def execute(self, name: Any, arguments: Any = None) -> Dict[str, Any]:
@@ -208,6 +218,21 @@ class Control:
     def pause(self) -> Dict[str, Any]:
         """Pause every routine (the ``stop`` event); ``start`` resumes them."""
         return self.send(STOP_EVENT_NAME)
+
+    # ----- parameters -----
+
+    def set_params(self, routine: Any, arguments: Any = None) -> Dict[str, Any]:
+        """Change parameters of ``routine``: ``arguments`` is a JSON object ``{name: value}`` (text is
+        converted to the declared types). Waits until the routine applied them, between two
+        ``main_logic`` calls; returns the acknowledgement with ``params``, the values now in force."""
+        if not isinstance(routine, str) or not routine:
+            raise ControlError(f"routine name {routine!r} must be a non-empty string")
+        self.flow_of(routine)
+        values = parse_arguments(arguments, f"set_params of routine '{routine}'")
+        try:
+            return self._off_hub(self.pipe.apply_params, routine, values, self.ack_timeout)
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
 
     # ----- ending -----
 
@@ -246,6 +271,7 @@ class Control:
         return self.pipe.structure()
 
     def status(self) -> Dict[str, Any]:
-        """Per routine state, messages in/out and FPS; per wire depth and drops; per flow pid and alive."""
-        return self.pipe.status()
+        """Per routine state, messages in/out and FPS; per wire depth and drops; per flow pid and alive;
+        ``insecure`` (and a ``security_warning``) when a control server runs without a token off loopback."""
+        return {**self.pipe.status(), **security.exposure(self.pipe)}
 

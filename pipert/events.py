@@ -13,6 +13,8 @@ BUILTIN_EVENTS = (START_EVENT_NAME, STOP_EVENT_NAME, KILL_EVENT_NAME)
 RUNTIME_EVENTS = BUILTIN_EVENTS + (LOG_DATA_EVENT_NAME,)
 """Every event the runtime itself handles; ``log_data`` toggles sending a routine's frames
 to the cockpit (optional parameter ``enabled``)."""
+PARAMS_EVENT_NAME = "set_params"
+"""The event that carries ``Pipe.set_params`` values to a routine; only ``set_params`` sends it."""
 
 _F = TypeVar("_F", bound=Callable)
 _ATTR = "_pipert_events"
@@ -27,6 +29,9 @@ def events(*names: str) -> Callable[[_F], _F]:
     """
     if not names or not all(isinstance(n, str) and n for n in names):
         raise TypeError("@events needs one or more non-empty event names, e.g. @events('RESET')")
+    if PARAMS_EVENT_NAME in names:
+        raise TypeError(f"'{PARAMS_EVENT_NAME}' is pipert's own event: override params_changed(self, changed) "
+                        "to react to new parameter values")
 
     def mark(method: _F) -> _F:
         setattr(method, _ATTR, tuple(getattr(method, _ATTR, ())) + names)
@@ -35,13 +40,23 @@ def events(*names: str) -> Callable[[_F], _F]:
     return mark
 
 
+def _handler_names(cls: type) -> Dict[str, List[str]]:
+    """The names of the handler methods of routine class ``cls``, by event name."""
+    found: Dict[str, List[str]] = {}
+    for attr, member in inspect.getmembers(cls, callable):
+        for name in getattr(member, _ATTR, ()):
+            found.setdefault(name, []).append(attr)
+    return found
+
+
 def handlers_of(obj: object) -> Dict[str, List[Callable]]:
     """The bound handler methods of ``obj``, by event name."""
-    found: Dict[str, List[Callable]] = {}
-    for attr, member in inspect.getmembers(type(obj), callable):
-        for name in getattr(member, _ATTR, ()):
-            found.setdefault(name, []).append(getattr(obj, attr))
-    return found
+    return {name: [getattr(obj, attr) for attr in attrs] for name, attrs in _handler_names(type(obj)).items()}
+
+
+def events_of(cls: type) -> List[str]:
+    """The names of the events routine class ``cls`` declares handlers for."""
+    return sorted(_handler_names(cls))
 
 
 def check_params(handler: Callable, event: str, target: str, params: dict) -> None:

@@ -22,9 +22,12 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TransportError
-from .events import KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME, handlers_of
+from .events import (KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME,
+                     handlers_of)
 from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
+from .params import plain
 from .routine import Routine, SourceRoutine
+from .timing import Histogram, wall_offset
 from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
 
 IDLE, RUNNING, STOPPED, CRASHED, KILLED = "idle", "running", "stopped", "crashed", "killed"
@@ -98,8 +101,11 @@ class _Runner:
         self.messages_in = 0
         self.messages_out = 0
         self.calls = 0
-        self.durations: collections.deque = collections.deque(maxlen=64)
-        self.started_at = 0.0
+        self.stamp = 0.0  # source time (time.time()) of the message being processed, or of the source's output
+        self.wall_offset = wall_offset()  # time.time() - time.perf_counter(), refreshed at every report
+        self.durations = Histogram()  # seconds per main_logic call
+        self.latency = Histogram()  # age of each message received: now - its source time
+        self.started_at = self.ended_at = 0.0  # time.perf_counter() around the last main_logic call
         self.auto_interval = 0.0  # seconds between main_logic calls set by auto pacing
         self.log_data = False
         self.samplers = {d: FrameSampler(flow.pipe._frames_per_second) for d in ("input", "output")}
@@ -131,6 +137,7 @@ class _Runner:
         routine = self.routine
         source = isinstance(routine, SourceRoutine)
         writable = routine.writable_input
+        add_age = self.latency.samples.append
         while True:
             if events:
                 if not self._handle(events.popleft()):
@@ -141,6 +148,7 @@ class _Runner:
                 continue
             if source:
                 data = self._call(routine.main_logic)
+                self.stamp = self.ended_at + self.wall_offset
             else:
                 try:
                     message = inbox.next()
@@ -149,10 +157,12 @@ class _Runner:
                     continue
                 if message is EMPTY:
                     continue
+                self.stamp, message = message
                 self.messages_in += 1
                 if self.log_data:
                     self._show("input", message)
                 data = self._call(routine.main_logic, copy.deepcopy(message) if writable else message)
+                add_age(self.started_at + self.wall_offset - self.stamp)
             if data is not None:
                 if self.log_data:
                     self._show("output", data)
@@ -193,12 +203,13 @@ class _Runner:
             self.error = f"main_logic: {exc!r}"
             return None
         finally:
-            self.durations.append(time.perf_counter() - started)
+            self.ended_at = time.perf_counter()
+            self.durations.samples.append(self.ended_at - started)
 
     def _send(self, data: Any) -> None:
         try:
             for sender in self.plan.senders:
-                sender.send(data, self._should_stop)
+                sender.send(data, self.stamp, self._should_stop)
         except Closed:
             return
         except TransportError as exc:
@@ -227,6 +238,8 @@ class _Runner:
             self.log_data = bool(event.params.get("enabled", not self.log_data))
             self.routine.logger.info("sending %s frames to the cockpit: %s", self.routine.name,
                                      "on" if self.log_data else "off")
+        elif event.name == PARAMS_EVENT_NAME:
+            error = self._apply_params(event.params)
         for handler in self.handlers.get(event.name, ()):
             try:
                 handler(**event.params)
@@ -239,6 +252,22 @@ class _Runner:
         self.flow.ack(event.id, self.routine.name, error, self.counters())
         return event.name != KILL_EVENT_NAME
 
+    def _apply_params(self, values: Dict[str, Any]) -> Optional[str]:
+        """Put checked parameter values in force and tell the routine (after its setup; before it,
+        setup sees them); if ``params_changed`` raises, the old values stay. The error, if any."""
+        routine = self.routine
+        old = routine.params
+        routine._params.update(values)
+        if self.setup_done:
+            try:
+                routine.params_changed(dict(values))
+            except Exception as exc:
+                routine._params = old
+                routine.logger.exception("routine '%s' refused parameters %s", routine.name, values)
+                return f"params_changed: {exc!r}"
+        routine.logger.info("parameters of routine '%s' now %s", routine.name, values)
+        return None
+
     def _cleanup(self) -> None:
         self.state = KILLED
         if self.setup_done:
@@ -247,11 +276,24 @@ class _Runner:
             except Exception:
                 self.routine.logger.exception("cleanup of routine '%s' failed", self.routine.name)
 
+    def timings(self) -> Dict[str, Any]:
+        """Fold the latest measurements (from the flow's main thread): the histograms of message ages
+        and main_logic durations, and the p50/p99 age of the messages of the last few seconds."""
+        self.wall_offset = wall_offset()
+        self.durations.fold()
+        self.latency.fold()
+        quantiles = self.latency.quantiles(0.5, 0.99)
+        return {"latency": None if quantiles is None else {"p50": round(quantiles[0], 6),
+                                                            "p99": round(quantiles[1], 6)},
+                "latency_seconds": self.latency.report(), "main_logic_seconds": self.durations.report()}
+
     def counters(self) -> Dict[str, Any]:
-        durations = list(self.durations)
+        durations = list(self.durations.last)
         median = statistics.median(durations) if durations else 0.0
-        return {"state": self.state, "error": self.error, "messages_in": self.messages_in,
+        return {"state": self.state, "error": self.error, "condition": self.routine._condition,
+                "messages_in": self.messages_in,
                 "messages_out": self.messages_out, "calls": self.calls, "log_data": self.log_data,
+                "params": plain(self.routine.params),
                 "capacity": round(1.0 / median, 2) if median > 0 else None,
                 "paced_fps": round(1.0 / self.auto_interval, 2) if self.auto_interval else None}
 
@@ -379,7 +421,9 @@ class _FlowProcess:
     def _report(self, last: Dict[str, int], elapsed: float, log_fps: bool) -> None:
         routines = {}
         for name, runner in self.runners.items():
+            timings = runner.timings()
             counters = runner.counters()
+            counters.update(timings)
             counters["fps"] = round((counters["calls"] - last.get(name, 0)) / elapsed, 2) if elapsed > 0 else 0.0
             last[name] = counters["calls"]
             routines[name] = counters

@@ -18,19 +18,21 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
 from .errors import BuildError, EventError
-from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, RUNTIME_EVENTS, START_EVENT_NAME,
-                     STOP_EVENT_NAME, check_params, handlers_of)
+from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
+                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, WireSender, create_ring
 from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
 
 _READY_TIMEOUT = 30.0
+PARAMS_TIMEOUT = 10.0  # seconds set_params waits for the routine to apply new values
 _log = logging.getLogger(__name__)
 
 
@@ -127,16 +129,21 @@ class Pipe:
     ``jpeg_quality``. With ``auto_pacing_mechanism`` every source is slowed to
     the capacity of the slowest routine downstream of it times
     ``pacing_multiplier``, so no work is spent on frames that would be dropped.
+
+    ``params`` cascade: each applies to every routine that declares a parameter
+    of that name (see ``pipert.Param``) and does not set it itself.
     """
 
     def __init__(self, logger: Optional[logging.Logger] = None, wire_policy: str = LATEST, wire_depth: int = 1,
                  ring_capacity: int = 4 << 20, pool_slots: Optional[int] = None, kill_grace: float = 5.0,
                  auto_pacing_mechanism: bool = False, pacing_multiplier: float = 1.1,
-                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70) -> None:
+                 fps_log_interval: float = 3.0, frames_per_second: float = 2.0, jpeg_quality: int = 70,
+                 params: Optional[Dict[str, Any]] = None) -> None:
         if wire_policy not in POLICIES:
             raise ValueError(f"wire_policy {wire_policy!r} is unknown: use 'latest' or 'block'")
         self.logger = logger if logger is not None else _default_logger()
         self.id = secrets.token_hex(4)
+        self.params: Dict[str, Any] = dict(params or {})
         self.flows: Dict[str, Flow] = {}
         self.wires: List[Wire] = []
         self._flow_list: List[Flow] = []
@@ -151,6 +158,7 @@ class Pipe:
         self._frames_per_second = frames_per_second
         self._jpeg_quality = jpeg_quality
         self._plans: Dict[str, RoutinePlan] = {}
+        self._params_set: Set[str] = set()  # routines whose parameters set_params changed since build
         self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
@@ -192,6 +200,11 @@ class Pipe:
         self.wires.extend(wires)
 
     # ----- validation and build -----
+
+    def validate(self) -> None:
+        """Check the graph and every routine's parameters as ``build()`` does, starting nothing;
+        raises BuildError (ParamError, listing every one, for parameters)."""
+        self._validate()
 
     def _validate(self) -> Dict[str, str]:
         flow_of: Dict[int, str] = {}
@@ -256,7 +269,26 @@ class Pipe:
                 raise BuildError(f"routine '{name}' has no outputs: wire it to a destination, or make it a "
                                  "DestinationRoutine")
         self._check_acyclic(edges)
+        self._settle_params(names.values())
         return {name: flow_of[id(routine)] for name, routine in names.items()}
+
+    def _settle_params(self, routines: Iterable[Routine]) -> None:
+        """Fix every routine's parameters (its own, else the pipe's, else defaults); one ParamError
+        lists every missing, unknown or invalid one, so nothing starts with a bad value."""
+        problems: List[object] = []
+        settled = []
+        for routine in routines:
+            values, found = resolve_params(routine.name, type(routine), routine._given, self.params)
+            problems += found
+            settled.append((routine, values))
+        declared = {name for routine, _ in settled for name in declared_params(type(routine))}
+        for name in self.params:
+            if name not in declared:
+                problems.append(f"pipe parameter '{name}' (given {self.params[name]!r}) is declared by no routine: "
+                                f"remove it or check its spelling; routines declare {sorted(declared) or 'none'}")
+        raise_problems(problems)
+        for routine, values in settled:
+            routine._params = values
 
     @staticmethod
     def _check_acyclic(edges: Dict[str, List[str]]) -> None:
@@ -481,6 +513,9 @@ class Pipe:
                 self.logger.error("restarted flow '%s' did not start within %.0f s", flow, _READY_TIMEOUT)
                 return
             state.restarts += 1
+            for routine in self.flows[flow].routines:  # the zygote holds the values of build time
+                if routine.name in self._params_set:
+                    self._dispatch(PARAMS_EVENT_NAME, {flow: [routine.name]}, routine.params)
             wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
                 self._dispatch(START_EVENT_NAME, {flow: wanted}, {})
@@ -633,6 +668,59 @@ class Pipe:
             self.logger.warning("event '%s' goes nowhere: no chosen routine handles it", event_name)
         return self._dispatch(event_name, resolved, params)
 
+    # ----- parameters at runtime -----
+
+    def _routine(self, name: str) -> Routine:
+        for flow in self._flow_list:
+            for routine in flow.routines:
+                if isinstance(routine, Routine) and routine.name == name:
+                    return routine
+        names = sorted(r.name for f in self._flow_list for r in f.routines if isinstance(r, Routine))
+        raise EventError(f"there is no routine '{name}'; routines are {names}")
+
+    def set_params(self, routine: str, /, **values: Any) -> Dict[str, Any]:
+        """Change parameters of ``routine`` and return the values now in force.
+
+        The values are converted and checked first (ParamError names what is wrong, and nothing
+        changes); then the routine applies them in its own thread between two ``main_logic``
+        calls, and calls its ``params_changed``. Waits up to ``PARAMS_TIMEOUT`` seconds for that
+        acknowledgement; a routine that refuses them (its ``params_changed`` raised) keeps its
+        old values and this raises ParamError. Before ``build()`` the values are simply set.
+        """
+        result = self.apply_params(routine, values, PARAMS_TIMEOUT)
+        if result["errors"]:
+            raise ParamError(f"routine '{routine}' did not take parameters {values}: {result['errors'][routine]}")
+        if result["pending"]:
+            raise EventError(f"routine '{routine}' did not apply parameters {values} within {PARAMS_TIMEOUT:.0f} s "
+                             "(is its main_logic stuck?); they apply once it finishes the current call")
+        return result["params"]
+
+    def apply_params(self, routine: str, values: Dict[str, Any], timeout: Optional[float]) -> Dict[str, Any]:
+        """``set_params`` for control surfaces: the acknowledgement (``handled_by``, ``errors``,
+        ``pending``) with ``params``, the values in force after it, instead of exceptions for a refusal
+        by the routine or a timeout. Invalid values raise ParamError."""
+        target = self._routine(routine)
+        declared = declared_params(type(target))
+        if not values:
+            raise ParamError(f"set_params for routine '{routine}' names no parameter: give name=value pairs; its "
+                             f"parameters are {sorted(declared) or 'none'}")
+        changed, problems = convert_params(routine, type(target), values)
+        raise_problems(problems)
+        if not self._built:
+            target._given.update(changed)
+            target._params.update(changed)
+            return {"event": PARAMS_EVENT_NAME, "handled_by": [routine], "errors": {}, "pending": [],
+                    "params": plain(target.params)}
+        if self._killing or self._closed:
+            raise EventError(f"the pipe is being killed or has ended: the parameters of routine '{routine}' can "
+                             "no longer change")
+        ack = self._dispatch(PARAMS_EVENT_NAME, {self._flow_of[routine]: [routine]}, changed).wait(timeout)
+        if not ack["errors"] and not ack["pending"]:
+            target._params.update(changed)
+            self._params_set.add(routine)
+        ack["params"] = self.status()["routines"][routine]["params"]
+        return ack
+
     # ----- ending -----
 
     def flow_of(self, routine: str) -> Optional[str]:
@@ -730,16 +818,19 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines and the events they handle (the cockpit's ``pipe_creation`` message)."""
+        """The routines, the events they handle and the parameters they declare (the cockpit's
+        ``pipe_creation`` message)."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
-                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS)}
+                          "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
             "Events": list(BUILTIN_EVENTS),
         }
 
     def status(self) -> Dict[str, Any]:
-        """Routine states and counters, flow processes, and wire depths and drops, as plain JSON."""
+        """Routine states, counters and parameter values, flow processes, and wire depths and drops, as
+        plain JSON."""
         routines = {}
         for flow in self._flow_list:
             state = self._states.get(flow.name)
@@ -750,7 +841,9 @@ class Pipe:
                     "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
                     "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
                     "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
-                    "error": reported.get("error")}
+                    "error": reported.get("error"), "condition": reported.get("condition"),
+                    "latency": reported.get("latency"),
+                    "params": reported.get("params", plain(routine.params))}
         flows = {name: {"pid": s.pid, "alive": s.alive, "restarts": s.restarts, "restarting": s.restarting,
                         "exit_code": s.exit_code, "last_exit": s.last_exit}
                  for name, s in self._states.items()}

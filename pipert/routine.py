@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import numpy as np
 
+from .params import resolve_params
+
 _counters: Dict[str, itertools.count] = defaultdict(itertools.count)
 
 
@@ -19,6 +21,11 @@ class Routine:
     successful setup). Inside a routine, ``self.name`` is its name,
     ``self.logger`` its logger and ``self.notify_event(...)`` sends an event.
 
+    Declare parameters as class attributes (``min_area = Param(int, default=400, min=0)``,
+    see ``pipert.Param``) and set them by keyword: ``Detector(name="det", min_area=800)``;
+    ``self.min_area`` is the value in force. ``Pipe.build`` refuses missing, unknown or
+    invalid ones; ``Pipe.set_params`` changes them while the pipe runs.
+
     Set ``writable_input = True`` on a routine class to receive private,
     writable copies of its input; otherwise numpy arrays from other flows are
     read-only views of shared memory and data from the same flow is shared with
@@ -27,13 +34,34 @@ class Routine:
 
     writable_input: ClassVar[bool] = False
 
-    def __init__(self, name: Optional[str] = None) -> None:
+    def __init__(self, name: Optional[str] = None, **params: Any) -> None:
         cls = type(self).__name__
         self.name = name if name is not None else f"{cls}-{next(_counters[cls])}"
+        given = self.__dict__.setdefault("_given", {})
+        given.update(params)
+        # Values that fit are in force at once; every problem (and the pipe's cascading params) is
+        # settled by Pipe.build, which refuses to start with a missing, unknown or invalid parameter.
+        self._params: Dict[str, Any] = resolve_params(self.name, type(self), given)[0]
         self.flow_name: Optional[str] = None
         self.logger = logging.getLogger(f"pipert.{self.name}")
         self._runtime: Any = None
         self._const_fps: Optional[float] = None
+        self._condition: Optional[str] = None
+
+    @property
+    def params(self) -> Dict[str, Any]:
+        """The values of this routine's parameters now in force, by name."""
+        return dict(self._params)
+
+    def params_changed(self, changed: Dict[str, Any]) -> None:
+        """Called in the routine's thread, between two ``main_logic`` calls, after ``pipe.set_params``
+        changed ``changed`` (new values by name; already in force). Override it to rebuild what
+        depends on them; if it raises, the old values are restored and the caller gets the error."""
+
+    def set_condition(self, condition: Optional[str]) -> None:
+        """Say what keeps this routine from working normally right now (``"reconnecting to ..."``),
+        or None once it works again; ``status()`` shows it as the routine's ``condition``."""
+        self._condition = condition
 
     def set_const_fps(self, fps: Optional[float]) -> None:
         """Cap this routine at ``fps`` calls of ``main_logic`` per second (None or 0: no cap).
@@ -98,3 +126,11 @@ class DestinationRoutine(Routine):
 
     def main_logic(self, data: Any) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define main_logic(self, data)")
+
+
+def kind_of(cls: type) -> str:
+    """``source``, ``middle`` or ``destination``: what a routine class does with data."""
+    for base, kind in ((SourceRoutine, "source"), (MiddleRoutine, "middle"), (DestinationRoutine, "destination")):
+        if issubclass(cls, base):
+            return kind
+    raise TypeError(f"{cls!r} is not a SourceRoutine, MiddleRoutine or DestinationRoutine subclass")

@@ -2,8 +2,9 @@
 
 ``RPCPipeWrapper(pipe).run_rpc_server("tcp://127.0.0.1:4242")`` serves the
 methods ``execute(name, arguments)``, ``start``, ``pause``, ``kill``,
-``join(arguments)``, ``structure`` and ``status`` (see ``pipert.control`` for the
-form of ``execute``'s arguments and for what each returns). Bad input comes
+``join(arguments)``, ``set_params(routine, arguments)``, ``structure`` and
+``status`` (see ``pipert.control`` for the form of ``execute``'s arguments and
+for what each returns). Bad input comes
 back to the caller as a ``zerorpc.RemoteError`` named ``ControlError``; the
 server and the pipe go on. zerorpc speaks msgpack: nothing received is ever
 unpickled.
@@ -25,6 +26,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import gevent
 import zerorpc
 
+from . import security
 from .control import Control, ControlError
 from .pipe import Pipe
 
@@ -79,18 +81,26 @@ def _introspectable(method: Callable) -> Callable:
 class RPCPipeWrapper(zerorpc.Server):
     """A zerorpc server that controls ``pipe``; with ``token`` set it refuses calls that lack it.
 
-    ``ack_timeout`` bounds how long a call waits for an event's acknowledgements.
+    ``ack_timeout`` bounds how long a call waits for an event's acknowledgements. Binding to a
+    non-loopback address needs a ``token``, or ``insecure=True``.
     """
 
-    COMMANDS = ("execute", "start", "pause", "kill", "join", "structure", "status")
+    COMMANDS = ("execute", "start", "pause", "kill", "join", "set_params", "structure", "status")
 
     def __init__(self, pipe: Pipe, token: Optional[str] = None, ack_timeout: float = 10.0,
-                 heartbeat: int = 5) -> None:
+                 heartbeat: int = 5, insecure: bool = False) -> None:
         self.control = Control(pipe, token, ack_timeout)
+        self.insecure = insecure
         context = zerorpc.Context()
         context.register_middleware(_CheckToken(self.control))
         methods = {name: getattr(self, name) for name in self.COMMANDS}
         super().__init__(methods=methods, name="pipert", context=context, heartbeat=heartbeat)
+
+    def bind(self, endpoint: str, resolve: bool = True) -> None:
+        """Listen on ``endpoint``; refused (``security.InsecureBindingError``) off loopback without a token."""
+        security.check_exposure(self.control.pipe, f"RPC on {endpoint}", security.endpoint_host(endpoint),
+                                self.control.token, self.insecure)
+        super().bind(endpoint, resolve)
 
     def run_rpc_server(self, endpoint: str) -> None:
         """Bind to ``endpoint`` (e.g. ``tcp://127.0.0.1:4242``) and serve until the pipeline has ended."""
@@ -149,6 +159,13 @@ class RPCPipeWrapper(zerorpc.Server):
     def join(self, encoded_arguments: Any = None) -> Dict[str, Any]:
         """Wait until every flow has exited; '{"to_kill": true}' kills first. Returns the flows."""
         return self._call(self.control.join, encoded_arguments)
+
+    @_introspectable
+    def set_params(self, routine: str, encoded_params: Any = None) -> Dict[str, Any]:
+        """Change parameters of ROUTINE with a JSON object of name: value, applied between two main_logic
+        calls; returns the acknowledgement with "params", the values now in force.
+        E.g. set_params det '{"min_area": 800}'"""
+        return self._call(self.control.set_params, routine, encoded_params)
 
     @_introspectable
     def structure(self) -> Dict[str, Any]:

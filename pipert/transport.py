@@ -9,6 +9,11 @@ no copy on receive. A slot is reused only when every receiver released its
 current use (its arrays are gone); each side writes only its own fields, so no
 cross-process atomics are needed.
 
+Every message carries its source time: the wall-clock time (``time.time()``)
+its source routine produced it, which a middle routine's outputs inherit from
+the input they came from. It travels in the record header between flows and
+next to the object in a local channel; readers return ``(stamp, object)``.
+
 Every consumer waits on one ``Doorbell`` (a posix semaphore) that producers and
 events ring; it polls its inputs before waiting, so no wake-up is ever lost and
 an idle routine burns no CPU.
@@ -68,7 +73,7 @@ class LocalChannel:
         self._space = threading.Semaphore(depth) if policy == BLOCK else None
         self.dropped = 0
 
-    def put(self, obj: object, should_stop: Callable[[], bool]) -> None:
+    def put(self, obj: object, stamp: float, should_stop: Callable[[], bool]) -> None:
         if self._space is not None:
             while not self._space.acquire(timeout=_WAIT_SLICE):
                 if should_stop():
@@ -79,17 +84,18 @@ class LocalChannel:
                 self.dropped += 1
             except IndexError:
                 pass
-        self._queue.append(obj)
+        self._queue.append((stamp, obj))
         self._bell.release()
 
     def poll(self) -> object:
+        """The oldest ``(stamp, object)``, or EMPTY."""
         try:
-            obj = self._queue.popleft()
+            message = self._queue.popleft()
         except IndexError:
             return EMPTY
         if self._space is not None:
             self._space.release()
-        return obj
+        return message
 
     def depth(self) -> int:
         return len(self._queue)
@@ -451,7 +457,7 @@ def create_ring(pipe_id: str, tag: str, capacity: int, depth: int, policy: str) 
 
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
 _U32 = struct.Struct("=I")
-_MSG = struct.Struct("=IIH")  # record length, producer pid, number of pool references
+_MSG = struct.Struct("=IIHd")  # record length, producer pid, number of pool references, source time
 _REF = struct.Struct("=HIIQQ")  # slot, generation, stamp, offset, bytes
 
 
@@ -715,10 +721,11 @@ def _view_array(bases: List[np.ndarray], index: int, dtype: Any, shape: Tuple[in
     return bases[index].view(dtype).reshape(shape)
 
 
-def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
+def encode(obj: object, stamp: float, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
            routine: str, encoder: Optional[_Encoder] = None) -> Optional[bytes]:
-    """One record for every remote receiver of a wire, or None if the pool is full (``latest``).
-    ``encoder`` (one per sender, reused) saves making a pickler per message."""
+    """One record (``obj`` and its source time ``stamp``) for every remote receiver of a wire, or None
+    if the pool is full (``latest``). ``encoder`` (one per sender, reused) saves making a pickler
+    per message."""
     try:
         if pool is None:
             body, refs = pickle.dumps(obj, protocol=5), []
@@ -733,18 +740,19 @@ def encode(obj: object, pool: Optional[Pool], block: bool, should_stop: Callable
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
     if not refs:
-        return _MSG.pack(_MSG.size + len(body), _pid[0], 0) + body
+        return _MSG.pack(_MSG.size + len(body), _pid[0], 0, stamp) + body
     size = _MSG.size + len(refs) * _REF.size + len(body)
-    return b"".join((_MSG.pack(size, _pid[0], len(refs)), *refs, body))
+    return b"".join((_MSG.pack(size, _pid[0], len(refs), stamp), *refs, body))
 
 
 def decode(record: bytes, pool: Optional[Pool], receiver: int,
-           held: Optional[List[Tuple[np.ndarray, int, int]]] = None) -> object:
-    """The object in ``record``; its large arrays are read-only views of the pool. Each use
-    of a pool slot is added to ``held`` (``Pool.sweep`` releases it once its arrays are gone)."""
-    _, pid, count = _MSG.unpack_from(record, 0)
+           held: Optional[List[Tuple[np.ndarray, int, int]]] = None) -> Tuple[float, object]:
+    """``(source time, object)`` of ``record``; the object's large arrays are read-only views of the
+    pool. Each use of a pool slot is added to ``held`` (``Pool.sweep`` releases it once its arrays
+    are gone)."""
+    _, pid, count, source_time = _MSG.unpack_from(record, 0)
     if not count:
-        return pickle.loads(memoryview(record)[_MSG.size:])
+        return source_time, pickle.loads(memoryview(record)[_MSG.size:])
     bases = []
     for i in range(count):
         slot, gen, stamp, offset, size = _REF.unpack_from(record, _MSG.size + i * _REF.size)
@@ -752,7 +760,7 @@ def decode(record: bytes, pool: Optional[Pool], receiver: int,
         if held is not None:
             held.append((base, slot, stamp))
         bases.append(base)
-    return _Decoder(memoryview(record)[_MSG.size + count * _REF.size:], bases).load()
+    return source_time, _Decoder(memoryview(record)[_MSG.size + count * _REF.size:], bases).load()
 
 
 _pid = [os.getpid()]
@@ -779,6 +787,7 @@ class RingReader:
         self._pool.release_record(record, self._receiver)
 
     def poll(self) -> object:
+        """The oldest ``(stamp, object)``, or EMPTY."""
         if self._held:
             self._pool.sweep(self._held, self._receiver)
         if not self._taken:
@@ -831,9 +840,10 @@ class WireSender:
         base = self._pool.allocate(count * dtype.itemsize, self._block, should_stop)
         return None if base is None else base.view(dtype).reshape(shape)
 
-    def send(self, obj: object, should_stop: Callable[[], bool]) -> None:
+    def send(self, obj: object, stamp: float, should_stop: Callable[[], bool]) -> None:
+        """Send ``obj``, produced by its source at ``stamp`` (``time.time()``), to every destination."""
         if self._remote:
-            record = encode(obj, self._pool, self._block, should_stop, self._routine, self._encoder)
+            record = encode(obj, stamp, self._pool, self._block, should_stop, self._routine, self._encoder)
             for target in self._remote:
                 if record is None:
                     target.ring.count_drop()
@@ -841,7 +851,7 @@ class WireSender:
                 target.ring.put(record, target.on_drop, should_stop)
                 target.bell.release()
         for channel in self._local:
-            channel.put(obj, should_stop)
+            channel.put(obj, stamp, should_stop)
 
 
 class Inbox:
@@ -853,7 +863,7 @@ class Inbox:
         self._turn = 0
 
     def poll(self) -> object:
-        """The next waiting message, taking inputs in turn, or EMPTY."""
+        """The next waiting ``(stamp, message)``, taking inputs in turn, or EMPTY."""
         readers = self.readers
         n = len(readers)
         if n == 1:
@@ -866,7 +876,7 @@ class Inbox:
         return EMPTY
 
     def next(self) -> object:
-        """A message, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
+        """A ``(stamp, message)``, waiting for the doorbell if none is there; EMPTY on a wake-up without one."""
         obj = self.poll()
         if obj is EMPTY:
             self.bell.acquire()

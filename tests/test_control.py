@@ -219,7 +219,7 @@ def test_python_client_targets_events_and_reads_status(daemons, rpc_clients):
     assert {(w["source"], w["destination"]) for w in status["wires"]} == {("ticker", "relay"), ("relay", "sink")}
     assert all(isinstance(w["depth"], int) and isinstance(w["dropped"], int) for w in status["wires"])
     assert all(f["alive"] and f["pid"] in daemon.pids for f in status["flows"].values())
-    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"]} in \
+    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"], "params": {}} in \
         client.structure()["Routines"]
 
     assert client.pause()["event"] == "stop"
@@ -252,7 +252,7 @@ def test_http_routes_answer_get_and_post_with_and_without_slash_and_body(daemons
         response = session.request(method, daemon.http + url, timeout=10, **body)
         assert response.status_code == expect, (method, url, body, response.text)
         assert response.headers["Content-Type"] == "application/json"
-        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Origin" not in response.headers  # no browser page asked: no CORS
         return response.json()
 
     for label, method, url, body in variants("/pipe/structure"):
@@ -279,8 +279,11 @@ def test_http_routes_answer_get_and_post_with_and_without_slash_and_body(daemons
     assert "no route /nope" in call("GET", "/nope", expect=404)["error"]
     assert "no route /start/now" in call("POST", "/start/now", expect=404)["error"]
     assert "answers GET and POST" in call("PUT", "/status", expect=405)["error"]
-    preflight = session.options(daemon.http + "/routines/ticker/events/PING/execute/", timeout=5)
+    preflight = session.options(daemon.http + "/routines/ticker/events/PING/execute/", timeout=5,
+                                headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                                         "Access-Control-Request-Headers": "content-type"})
     assert preflight.status_code == 204 and "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
     assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"]
 
     assert call("POST", "/kill/") == {"event": "kill", "flows": ["f1", "f2"]}

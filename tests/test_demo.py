@@ -1,6 +1,7 @@
-"""The video-analytics demo (examples/video_analytics.py) as a user runs it: `pipert run` in a
-subprocess on free 127.0.0.1 ports, on a small synthetic scene, driven by the README's
-second-terminal commands, then its outputs checked against the scene's ground truth.
+"""The video-analytics demo as a user runs it: `pipert run examples/video_analytics.yaml` (what `make demo`
+runs) in a subprocess on free 127.0.0.1 ports, on a small synthetic scene, driven by the README's
+second-terminal commands, then its outputs checked against the scene's ground truth; and the same
+demo built in Python (examples/video_analytics.py) ended by a kill.
 
 Every process a test starts (daemon, zygote, flows, control clients) is killed at teardown,
 even when the test fails, and the daemon's shared memory must be gone once it exits.
@@ -22,25 +23,27 @@ from helpers import clean_env, descendants, free_port, living, pipert_command
 from pipert import shm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "examples", "video_analytics.py") + ":create_pipe"
-ROUTINES = ["detector", "json_logger", "source", "tracker", "video_writer"]
+DEMO = os.path.join(ROOT, "examples", "video_analytics.yaml")
+DEMO_PY = os.path.join(ROOT, "examples", "video_analytics.py") + ":create_pipe"
+ROUTINES = ["annotate", "detector", "json_logger", "source", "tracker", "video_writer"]
 SUMMARY_ROUTINE = re.compile(r"^pipert: routine (\S+) \(flow (\S+)\): (\w+), in (\d+), out (\d+)$")
 SUMMARY_WIRE = re.compile(r"^pipert: wire (\S+) -> (\S+): dropped (\d+)$")
 
 
 class Daemon:
-    """One `pipert run TARGET --rpc --api --start` subprocess, on free ports, in ``cwd``.
+    """One `pipert run TARGET --rpc --api --start ARGS...` subprocess, on free ports, in ``cwd``.
 
     Use it in a ``with`` block: at its end the daemon and all of its processes are killed,
     whatever happened inside."""
 
-    def __init__(self, target: str, cwd: str, env: dict) -> None:
+    def __init__(self, target: str, cwd: str, env: dict, args: tuple = ()) -> None:
         self.rpc = f"tcp://127.0.0.1:{free_port()}"
         self.http = f"http://127.0.0.1:{free_port()}"
         self.err_path = os.path.join(cwd, f"daemon-{time.monotonic_ns()}.err")
         with open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(
-                [*pipert_command(), "run", target, "--rpc", self.rpc, "--api", self.http.split("//")[1], "--start"],
+                [*pipert_command(), "run", target, "--rpc", self.rpc, "--api", self.http.split("//")[1], "--start",
+             *args],
                 cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         self.pids = [self.proc.pid]
         self.output: list = []
@@ -125,6 +128,12 @@ def demo_env(out: str, seconds: float) -> dict:
                      PIPERT_DEMO_OUT=out)
 
 
+def demo_params(frames: int) -> tuple:
+    """`pipert run` flags for the demo's pipeline file: a small synthetic scene, ``frames`` long."""
+    settings = {"source.frames": frames, "source.width": 640, "source.height": 360}
+    return tuple(arg for name, value in settings.items() for arg in ("--param", f"{name}={value}"))
+
+
 def iou(a, b) -> float:
     w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
     h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
@@ -142,8 +151,8 @@ def video_frames(path: str) -> int:
 
 
 def test_demo_runs_is_controlled_and_finds_the_objects(tmp_path):
-    out = str(tmp_path / "out")
-    with Daemon(DEMO, str(tmp_path), demo_env(out, seconds=4)) as daemon:
+    out = str(tmp_path / "out")  # the pipeline file writes to out/ in the daemon's working directory
+    with Daemon(DEMO, str(tmp_path), clean_env(), demo_params(frames=120)) as daemon:
         daemon.wait_ready()
 
         def source_out() -> int:
@@ -166,10 +175,12 @@ def test_demo_runs_is_controlled_and_finds_the_objects(tmp_path):
         reply = requests.post(url, data=json.dumps({"extra_args": {"min_area": 300}}), timeout=10).json()
         assert (reply["handled_by"], reply["errors"]) == (["detector"], {})
         reply = requests.post(url, json={"extra_args": {"min_area": "big"}}, timeout=10).json()
-        assert "min_area must be a whole number" in reply["errors"]["detector"]
+        assert "parameter 'min_area' expects int >= 0, got 'big'" in reply["errors"]["detector"]
+        assert daemon.zerorpc("set_params", "tracker", '{"max_missed": "12"}')["params"]["max_missed"] == 12
         assert daemon.zerorpc("execute", "start")["handled_by"] == ROUTINES
         status = daemon.status()
-        assert sorted(status["routines"]) == ROUTINES and len(status["wires"]) == 4
+        assert sorted(status["routines"]) == ROUTINES and len(status["wires"]) == 5
+        assert status["routines"]["detector"]["params"]["min_area"] == 300
 
         # The source ends the video, the sinks finish, the source kills the pipe: the daemon exits 0.
         assert daemon.wait_exit(30) == 0, daemon.stderr()[-3000:]
@@ -185,25 +196,27 @@ def test_demo_runs_is_controlled_and_finds_the_objects(tmp_path):
     assert sorted(routines) == ROUTINES, daemon.output
     sent = routines["source"][1] - 1  # the last message is the end of the stream
     assert sent == 120
-    assert drops[("tracker", "video_writer")] == drops[("tracker", "json_logger")] == 0  # block wires
+    assert drops[("tracker", "annotate")] == drops[("annotate", "video_writer")] == 0  # block wires
+    assert drops[("annotate", "json_logger")] == 0
     records = [json.loads(line) for line in open(os.path.join(out, "detections.jsonl"))]
-    numbers = [r["frame"] for r in records]
+    numbers = [r["frame_number"] for r in records]
     assert numbers == sorted(set(numbers)) and numbers[-1] <= sent
     assert len(records) == sent - drops[("source", "detector")] - drops[("detector", "tracker")]
     assert video_frames(os.path.join(out, "annotated.mp4")) == len(records)
 
     # Detections: once the shapes are in view, nearly every one is found where the scene drew it.
-    truths = [(box, r["objects"]) for r in records if r["frame"] > 10 for box in r["truth"]]
+    truths = [(box, r["objects"]) for r in records if r["frame_number"] > 10 for box in r["truth"]]
     found = sum(any(iou(box, o["box"]) > 0.3 for o in objects) for box, objects in truths)
     assert len(truths) > 200 and found / len(truths) > 0.9, f"{found} of {len(truths)} truth boxes found"
-    ids = {o["id"] for r in records if r["frame"] > 30 for o in r["objects"]}
+    ids = {o["id"] for r in records if r["frame_number"] > 30 for o in r["objects"]}
     assert len(ids) <= 10, f"the tracker lost its objects: ids {sorted(ids)}"
 
 
 def test_endless_demo_stops_on_kill_with_complete_outputs(tmp_path):
-    """PIPERT_DEMO_SECONDS=0 plays until killed (here over HTTP): the sinks still close their files."""
+    """The Python demo with PIPERT_DEMO_SECONDS=0 plays until killed (here over HTTP): the sinks still
+    close their files."""
     out = str(tmp_path / "out")
-    with Daemon(DEMO, str(tmp_path), demo_env(out, seconds=0)) as daemon:
+    with Daemon(DEMO_PY, str(tmp_path), demo_env(out, seconds=0)) as daemon:
         daemon.wait_ready()
         deadline = time.monotonic() + 10
         while daemon.status()["routines"]["json_logger"]["messages_in"] < 30:

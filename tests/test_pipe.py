@@ -279,7 +279,8 @@ def test_structure_lists_routines_and_custom_events(make_pipe, tmp_path):
     pipe, _ = _pipe_with_two_flows(make_pipe, tmp_path)
     structure = pipe.structure()
     assert structure["Events"] == ["start", "stop", "kill"]
-    assert {"flow_name": "f1", "routine_name": "first", "events": ["FORWARD", "PING"]} in structure["Routines"]
+    assert {"flow_name": "f1", "routine_name": "first", "events": ["FORWARD", "PING"],
+            "params": {}} in structure["Routines"]
     assert [r["routine_name"] for r in structure["Routines"]] == \
         ["first", "second", pipe.flows["f1"].routines[2].name, "third", pipe.flows["f2"].routines[1].name]
     pipe.join(to_kill=True)

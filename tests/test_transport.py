@@ -238,11 +238,15 @@ def test_small_messages_inline_and_large_arrays_through_the_pool():
     pool = Pool("feedbeef", "t", slots=2, receivers=1)
     held = []
     try:
-        small = encode({"a": np.zeros(10)}, pool, True, lambda: False, "r")
-        assert decode(small, pool, 0, held)["a"].flags.writeable and not held
-        big = encode({"a": np.ones(OOB_MIN, np.uint8)}, pool, True, lambda: False, "r")
+        small = encode({"a": np.zeros(10)}, 1234.5, pool, True, lambda: False, "r")
+        stamp, message = decode(small, pool, 0, held)
+        assert stamp == 1234.5 and message["a"].flags.writeable and not held
+        big = encode({"a": np.ones(OOB_MIN, np.uint8)}, 1234.75, pool, True, lambda: False, "r")
         assert len(big) < 1024
-        array = decode(big, pool, 0, held)["a"]
+        stamp, message = decode(big, pool, 0, held)
+        assert stamp == 1234.75
+        array = message["a"]
+        del message
         assert not array.flags.writeable and array.sum() == OOB_MIN
         with pytest.raises(ValueError):
             array[0] = 5
@@ -265,10 +269,10 @@ def test_shared_array_is_sent_in_place_and_reused_only_when_released():
         sender = WireSender("r", False, [], [], pool)
         frame = sender.allocate((512, 512), np.uint8, lambda: False)
         frame[...] = 7
-        record = encode({"f": frame, "part": frame[100:300]}, pool, False, lambda: False, "r")
+        record = encode({"f": frame, "part": frame[100:300]}, 0.0, pool, False, lambda: False, "r")
         assert pool._producer_uses(0)
         assert len(pool._segments) == 2, "the frame is sent in place; only its slice (a second use) is copied"
-        received = decode(record, pool, 0, held)
+        received = decode(record, pool, 0, held)[1]
         assert received["f"].sum() == 7 * 512 * 512 and not received["f"].flags.writeable
         assert received["part"].shape == (200, 512) and received["part"].sum() == 7 * 200 * 512
         del frame
