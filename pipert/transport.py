@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import functools
 import io
 import mmap
 import os
@@ -657,9 +656,12 @@ class _PoolFull(Exception):
     """The pool had no free slot under ``latest``: the message is dropped."""
 
 
+_decoding = threading.local()  # .bases: the per-use arrays of the message being unpickled in this thread
+
+
 def _slot_array(index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
-    """Stands for an array in the pool inside a pickle; ``_Decoder`` rebuilds it as a view."""
-    raise TransportError("a pool array can only be rebuilt by pipert's decoder")
+    """Stands for an array in the pool inside a pickle: a view of the message's ``index``-th base."""
+    return _decoding.bases[index].view(dtype).reshape(shape)
 
 
 class _Encoder(pickle.Pickler):
@@ -703,24 +705,6 @@ class _Encoder(pickle.Pickler):
         return file.getvalue(), refs
 
 
-class _Decoder(pickle.Unpickler):
-    """Unpickles one message; its pool arrays become read-only views of the pool."""
-
-    def __init__(self, body: memoryview, bases: List[np.ndarray]) -> None:
-        super().__init__(io.BytesIO(body))
-        # a bound method would put the decoder in a cycle (its memo keeps it) that keeps the bases
-        self._rebuild = functools.partial(_view_array, bases)
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name == "_slot_array" and module == __name__:
-            return self._rebuild
-        return super().find_class(module, name)
-
-
-def _view_array(bases: List[np.ndarray], index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
-    return bases[index].view(dtype).reshape(shape)
-
-
 def encode(obj: object, stamp: float, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
            routine: str, encoder: Optional[_Encoder] = None) -> Optional[bytes]:
     """One record (``obj`` and its source time ``stamp``) for every remote receiver of a wire, or None
@@ -760,7 +744,11 @@ def decode(record: bytes, pool: Optional[Pool], receiver: int,
         if held is not None:
             held.append((base, slot, stamp))
         bases.append(base)
-    return source_time, _Decoder(memoryview(record)[_MSG.size + count * _REF.size:], bases).load()
+    _decoding.bases = bases
+    try:
+        return source_time, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:])
+    finally:
+        _decoding.bases = None
 
 
 _pid = [os.getpid()]
