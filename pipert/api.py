@@ -9,6 +9,9 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /routines/<routine>/events/<event>/execute       send <event> to one routine
     /routines/events/<event>/execute                 send <event> to every routine handling it
     /routines/<routine>/params                       set parameters: the body is {name: value, ...}
+    /recording/start  /recording/stop  /recording    record wires to MCAP (extra_args {"path", "wires"}),
+                                                     stop it, its status
+    /  /dashboard/<file>  /dashboard/stream          the web dashboard, its files, its live stream
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
@@ -43,6 +46,7 @@ from gevent.pywsgi import LoggingLogAdapter
 
 from . import security
 from .control import Control, ControlError
+from .dashboard import Dashboard, Reply
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
 from .pipe import Pipe
 
@@ -52,8 +56,7 @@ _log = logging.getLogger(__name__)
 
 
 def _route(pattern: str) -> "re.Pattern[str]":
-    return re.compile(pattern.replace("<routine>", "(?P<routine>[^/]+)").replace("<event>", "(?P<event>[^/]+)")
-                      + "/?")
+    return re.compile(re.sub(r"<(\w+)>", r"(?P<\1>[^/]+)", pattern) + "/?")
 
 
 _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
@@ -65,9 +68,17 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/routines/events/<event>/execute"), "execute_all"),
     (_route("/routines/<routine>/events/<event>/execute"), "execute_routine"),
     (_route("/routines/<routine>/params"), "set_params"),
+    (_route("/recording/start"), "start_recording"),
+    (_route("/recording/stop"), "stop_recording"),
+    (_route("/recording"), "recording"),
+    (_route(""), "page"),
+    (_route("/dashboard/stream"), "stream"),
+    (_route("/dashboard/<asset>"), "asset"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
-              "/routines/events/<event>/execute, /routines/<routine>/params"
+              "/routines/events/<event>/execute, /routines/<routine>/params, /recording/start, /recording/stop, " \
+              "/recording, / (the dashboard), /dashboard/stream"
+_PUBLIC = ("page", "asset")  # the dashboard's page and files: code without data, served without the token
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -153,6 +164,7 @@ class APIWrapper:
         self.host = host
         self.port = port
         self.control = Control(pipe, token, ack_timeout)
+        self.dashboard = Dashboard(self.control)
         self.policy = security.AccessPolicy(host, token, allowed_origins, allowed_hosts)
         self.insecure = insecure
         self.limits = limits
@@ -197,6 +209,7 @@ class APIWrapper:
         try:
             self.control.wait_ended()
         finally:
+            self.dashboard.close()
             server.stop_when_answered(_STOP_TIMEOUT)
 
     # ----- the WSGI application -----
@@ -208,12 +221,16 @@ class APIWrapper:
             if method == "OPTIONS":  # a browser's CORS preflight (security adds its headers): no credentials
                 self._find(path)
                 return self._respond(start_response, 204, None, [("Allow", "GET, POST, OPTIONS")])
-            self.control.authorize(_request_token(environ), _TOKEN_HELP)
+            if self._route_name(path) not in _PUBLIC:
+                self.control.authorize(_request_token(environ), _TOKEN_HELP)
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
             body = _json_body(environ, "a JSON object") if handler == self._set_params else _extra_args(environ)
-            return self._respond(start_response, 200, handler(body, **match))
+            result = handler(body, **match)
+            if isinstance(result, Reply):
+                return result.send(environ, start_response)
+            return self._respond(start_response, 200, result)
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -225,7 +242,11 @@ class APIWrapper:
             return self._respond(start_response, 500, {"error": f"{method} {path} failed inside the daemon: "
                                                                 "see its log"})
 
-    def _find(self, path: str) -> Tuple[Callable[..., Dict[str, Any]], Dict[str, str]]:
+    @staticmethod
+    def _route_name(path: str) -> Optional[str]:
+        return next((name for pattern, name in _ROUTES if pattern.fullmatch(path)), None)
+
+    def _find(self, path: str) -> Tuple[Callable[..., Any], Dict[str, str]]:
         for pattern, name in _ROUTES:
             match = pattern.fullmatch(path)
             if match:
@@ -270,3 +291,24 @@ class APIWrapper:
 
     def _set_params(self, values: Any, routine: str) -> Dict[str, Any]:
         return self.control.set_params(routine, {} if values is None else values)
+
+    def _start_recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        return self.control.start_recording(extra_args)
+
+    def _stop_recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        self._no_arguments("/recording/stop", extra_args)
+        return self.control.stop_recording()
+
+    def _recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        self._no_arguments("/recording", extra_args)
+        return self.control.recording()
+
+    def _page(self, extra_args: Dict[str, Any]) -> Reply:
+        return self.dashboard.asset("index.html")
+
+    def _asset(self, extra_args: Dict[str, Any], asset: str) -> Reply:
+        return self.dashboard.asset(asset)
+
+    def _stream(self, extra_args: Dict[str, Any]) -> Reply:
+        self._no_arguments("/dashboard/stream", extra_args)
+        return self.dashboard.stream()

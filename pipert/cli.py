@@ -5,9 +5,11 @@ file, ``.yaml``/``.yml``/``.json``) or imports it (``path/to/file.py:factory`` o
 ``package.module:factory``, a callable that returns a built or unbuilt ``Pipe``),
 sets the ``--param`` values, builds the pipe, starts the control
 servers asked for, optionally sends ``start``, and runs until the pipe is killed
-(over RPC or HTTP, or by a routine) or the daemon gets SIGINT/SIGTERM. Then it
-kills what still runs, joins every flow, frees the shared memory, prints what
-every routine and wire did, and exits 0 (1 if a flow died on its own).
+(over RPC or HTTP, or by a routine) or the daemon gets SIGTERM, SIGINT or SIGHUP
+(a second one stops at once, without waiting for cleanups). Then it kills what
+still runs, joins every flow, frees the shared memory, prints what every
+routine and wire did, and exits 0 (1 if a flow died on its own). Under systemd
+(``Type=notify``) it reports READY=1, STOPPING=1 and watchdog pings.
 Settings come from the flags, else the environment, else the nearest ``.env``:
 ``PIPERT_RPC_ENDPOINT``, ``PIPERT_API_ADDRESS``, ``PIPERT_TOKEN``,
 ``PIPERT_ALLOWED_ORIGINS``, ``PIPERT_ALLOWED_HOSTS``. A server on an address other
@@ -18,6 +20,9 @@ prints their addresses, then ``pipert: ready``.
 checks pipeline files without running them and ``pipert graph TARGET`` prints a
 pipeline as a Mermaid flowchart.
 
+``pipert top [ADDRESS]`` shows a running daemon's routines, wires and flows in the
+terminal, refreshed in place, like the dashboard that ``--api`` serves at ``/``.
+
 ``pipert zerorpc ARGS...`` is the zerorpc CLI (zerorpc 0.6.3's own, which
 crashes on Python 3.10+ at ``collections.Iterator``), with ``--token`` (or
 ``PIPERT_TOKEN``) for daemons that require one.
@@ -27,12 +32,14 @@ from __future__ import annotations
 import argparse
 import collections
 import collections.abc
+import datetime
 import importlib
 import importlib.util
 import json
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -41,9 +48,10 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import dotenv
 
-from . import registry, security
+from . import registry, sd_notify, security
 from .api import APIWrapper
-from .errors import BuildError, EventError
+from . import recording as recording_file
+from .errors import BuildError, EventError, RecordError
 from .events import events_of
 from .graph import mermaid
 from .params import declared_params
@@ -51,10 +59,12 @@ from .pipe import Pipe
 from .pipeline_file import check_pipeline, is_pipeline_file, load_pipeline
 from .routine import kind_of
 from .rpc import RPCPipeWrapper, SendToken
+from .signals import heeded, received, signal_pipe
+from .top import run_top
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
 DEFAULT_RPC, DEFAULT_API = "tcp://127.0.0.1:4242", "127.0.0.1:4000"
-_POLL = 0.2  # seconds between two checks for a signal
+_POLL = 0.2  # seconds between two checks that every flow has ended
 _SERVER_STOP_TIMEOUT = 10.0
 _log = logging.getLogger(__name__)
 
@@ -66,7 +76,7 @@ class UsageError(Exception):
 def _say(message: str) -> None:
     try:
         print(f"pipert: {message}", flush=True)
-    except BrokenPipeError:  # whoever read our output has gone; the daemon goes on without it
+    except OSError:  # whoever read our output has gone (a pipe, a hung-up terminal); the daemon goes on
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
@@ -191,26 +201,36 @@ def _serve_rpc(pipe: Pipe, endpoint: str, token: Optional[str], ack_timeout: flo
 
 
 class _Signals:
-    """SIGINT/SIGTERM handler: interrupts loading and building (KeyboardInterrupt), and once the pipe runs
-    only records the request, so that the daemon's shutdown is never cut short."""
+    """The daemon's stop signals (SIGTERM, SIGINT, SIGHUP). While the pipe is loaded and built the first
+    interrupts (KeyboardInterrupt); once it runs they only wake the main loop (``wait``), so that the
+    daemon's shutdown is never cut short."""
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self.interruptible = True
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
+        self.received: List[int] = []
+        self._pipe: Optional[Tuple[Any, Any]] = None
+        for signum in heeded():
+            signal.signal(signum, self._interrupt)
 
-    def __call__(self, signum: int, frame: Any) -> None:
-        first = self.received is None
-        self.received = self.received or signum
-        if first and self.interruptible:
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if len(self.received) == 1:
             raise KeyboardInterrupt
+
+    def route(self) -> None:
+        """From now on, signals are only recorded (read them with ``wait``)."""
+        self._pipe = signal_pipe()
+
+    def wait(self, timeout: float) -> List[int]:
+        """Every signal received so far, after waiting up to ``timeout`` s for a new one."""
+        if select.select([self._pipe[0]], [], [], timeout)[0]:
+            self.received += received(self._pipe[0])
+        return self.received
 
 
 def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: Optional[str],
         start: bool, ack_timeout: float, params: Sequence[str] = (),
         allowed_origins: Optional[List[str]] = None, allowed_hosts: Iterable[str] = (),
-        insecure: bool = False) -> int:
+        insecure: bool = False, record: Optional[str] = None, record_wires: Optional[str] = None) -> int:
     """Run the daemon (see the module docstring); the process's exit code."""
     signals = _Signals()  # before build(), so the pipe leaves SIGTERM to us
     try:
@@ -218,6 +238,7 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
         apply_param_flags(pipe, params)
         if not pipe.status()["flows"]:  # flows get a status at build
             pipe.build()
+        signals.route()
     except KeyboardInterrupt:
         _say("interrupted before the pipe ran")
         return 0
@@ -226,11 +247,16 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
     except Exception:
         traceback.print_exc()
         return _fail(f"TARGET {target!r} failed while making or building the pipe (traceback above)")
-    signals.interruptible = False
     flows = pipe.status()["flows"]
     _say(f"pipe {pipe.id} built: " + ", ".join(f"flow {n} (pid {f['pid']})" for n, f in flows.items()))
     servers: List[Any] = []  # each stops on its own once the pipe is shut down; join(timeout) waits for it
     try:
+        if record is not None:
+            try:
+                recording = pipe.record(record, record_wires)
+            except RecordError as exc:
+                raise UsageError(f"--record: {exc}") from None
+            _say(f"recording {', '.join(recording.wires)} to {recording.path}")
         if rpc is not None:
             servers.append(_serve_rpc(pipe, rpc, token, ack_timeout, insecure))
             _say(f"rpc listening on {rpc}")
@@ -251,18 +277,12 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
         pipe.join(to_kill=True)
         _join_all(servers)
         return _fail(str(exc))
-    if start and signals.received is None:
+    if start and not signals.wait(0):
         ack = pipe.send_event("start").wait(ack_timeout)
         _say(f"started: {len(ack['handled_by'])} routines" + (f", errors {ack['errors']}" if ack["errors"] else ""))
     _say("ready")
-    joiner = threading.Thread(target=pipe.join, name="pipert-join", daemon=True)  # returns once all flows ended
-    joiner.start()
-    while signals.received is None and joiner.is_alive():
-        joiner.join(_POLL)
-    if signals.received is not None:
-        _say(f"stopping on {signal.Signals(signals.received).name}")
-        pipe.kill()
-    joiner.join()
+    sd_notify.notify("READY=1", f"STATUS=pipe {pipe.id} running {len(flows)} flows")
+    _supervise(pipe, signals)
     _join_all(servers)
     status = pipe.status()
     for name, routine in status["routines"].items():
@@ -270,9 +290,35 @@ def run(target: str, rpc: Optional[str], api: Optional[Tuple[str, int]], token: 
              f"out {routine['messages_out']}")
     for wire in status["wires"]:
         _say(f"wire {wire['source']} -> {wire['destination']}: dropped {wire['dropped']}")
+    if status["recording"] is not None:
+        _say(_recording_line(status["recording"]))
     died = sorted({r["flow"] for r in status["routines"].values() if r["state"] == "dead"})
     _say(f"pipe {pipe.id} stopped" + (f"; flows that died on their own: {died}" if died else ""))
     return 1 if died else 0
+
+
+def _supervise(pipe: Pipe, signals: _Signals) -> None:
+    """Wait until every flow has ended: the first stop signal kills the pipe (cleanups run), a second
+    terminates its flows at once; systemd's watchdog is pinged meanwhile."""
+    joiner = threading.Thread(target=pipe.join, name="pipert-join", daemon=True)  # returns once all flows ended
+    joiner.start()
+    watchdog = sd_notify.Watchdog()
+    handled = 0
+    while joiner.is_alive():
+        watchdog.ping()
+        got = signals.wait(watchdog.timeout(_POLL))
+        for signum in got[handled:]:
+            name = signal.Signals(signum).name
+            if handled == 0:
+                _say(f"stopping on {name}")
+                sd_notify.notify("STOPPING=1", f"STATUS=stopping on {name}")
+                pipe.kill()
+            elif handled == 1:
+                _say(f"{name} again: stopping now, without waiting for cleanups")
+                pipe.terminate()
+            handled += 1
+    if not handled:
+        sd_notify.notify("STOPPING=1", "STATUS=stopping: every flow has ended")
 
 
 # ----- routine parameters, plugins, pipeline files (issue 13) -----
@@ -358,6 +404,52 @@ def _join_all(servers: List[Any]) -> None:
         server.join(_SERVER_STOP_TIMEOUT)
 
 
+def _recording_line(recording: Dict[str, Any]) -> str:
+    counts = ", ".join(f"{w} {recording['messages'][w]} (dropped {recording['dropped'][w]})"
+                       for w in recording["wires"])
+    error = f"; error: {recording['error']}" if recording["error"] else ""
+    return f"recording {recording['path']} {recording['state']}: {counts}{error}"
+
+
+# ----- recordings -----
+
+def _time(ns: Optional[int]) -> str:
+    if ns is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ns / 1e9).isoformat(sep=" ", timespec="milliseconds")
+
+
+def record_info(path: str) -> int:
+    """``pipert record info FILE``: topics, message counts, duration, rates, drops."""
+    summary = recording_file.info(path)
+    state = "complete" if summary["complete"] else \
+        f"not finished (still being written, or cut short): read up to its last complete chunk ({summary['error']})"
+    print(f"{path}: {state}")
+    print(f"  start {_time(summary['start'])}, end {_time(summary['end'])}, duration {summary['duration']:.3f} s")
+    print(f"  {'topic':28} {'messages':>9} {'rate/s':>8} {'dropped':>8}  encoding")
+    for topic, entry in summary["topics"].items():
+        rate = "-" if entry["rate"] is None else f"{entry['rate']:.2f}"
+        encoding = ", ".join(entry["encodings"]) + (f" ({entry['schema']})" if entry["schema"] else "")
+        print(f"  {topic:28} {entry['messages']:>9} {rate:>8} {entry['dropped']:>8}  {encoding}")
+    return 0
+
+
+def replay_print(path: str, topics: Optional[List[str]], limit: Optional[int]) -> int:
+    """``pipert replay FILE``: each message as one line: time offset, topic, summary (no pixels)."""
+    start = None
+    shown = 0
+    for message in recording_file.in_time_order(recording_file.read_messages(path, topics)):
+        if message.topic.endswith(recording_file.IMAGE_SUFFIX) or message.topic == recording_file.STATS_TOPIC:
+            continue
+        start = message.log_time if start is None else start
+        print(f"{(message.log_time - start) / 1e9:10.3f}  {message.topic}  #{message.sequence}  "
+              f"{recording_file.summarize(message.value())}")
+        shown += 1
+        if limit is not None and shown >= limit:
+            break
+    return 0
+
+
 # ----- the zerorpc CLI -----
 
 def _pop_token(args: List[str]) -> Tuple[Optional[str], List[str]]:
@@ -439,9 +531,40 @@ def _parser() -> argparse.ArgumentParser:
     runner.add_argument("--insecure", action="store_true",
                         help="serve on a non-loopback address without a token (anyone who reaches it controls "
                              "the pipe; warned at start and in status)")
+    runner.add_argument("--record", metavar="FILE.mcap", help="record the wires into FILE.mcap (MCAP) from the start")
+    runner.add_argument("--record-wires", metavar="ROUTINES",
+                        help="with --record: record only the outputs of these routines (comma-separated)")
     commands.add_parser("zerorpc", help="the zerorpc CLI (fixed for Python 3.10+), plus --token TOKEN",
                         add_help=False)
+    record = commands.add_parser("record", help="look into recordings").add_subparsers(
+        dest="record_command", required=True, metavar="SUBCOMMAND")
+    record.add_parser("info", help="topics, message counts, duration, rates, drops of a recording").add_argument(
+        "file", metavar="FILE")
+    replay = commands.add_parser("replay", help="print a recording's messages (summaries, not pixels)")
+    replay.add_argument("file", metavar="FILE")
+    replay.add_argument("--topic", action="append", metavar="TOPIC", help="only this topic (repeatable)")
+    replay.add_argument("--limit", type=int, metavar="N", help="stop after N messages")
+    top = commands.add_parser("top", help="the routine, wire and flow tables of a running daemon, refreshed in "
+                                          "place (q quits)")
+    top.add_argument("address", nargs="?", metavar="ADDRESS",
+                     help=f"the daemon's HTTP API: HOST:PORT, PORT or http://HOST:PORT; default ${API_VARIABLE}, "
+                          f"else {DEFAULT_API}")
+    top.add_argument("--token", metavar="TOKEN", help=f"the daemon's token; default ${TOKEN_VARIABLE}")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
+    top.add_argument("--once", action="store_true", help="print the tables once and exit (also when the output "
+                                                         "is not a terminal)")
     return parser
+
+
+def top_main(args: argparse.Namespace) -> int:
+    """``pipert top``: see ``pipert.top``."""
+    address = _setting(args.address, API_VARIABLE) or DEFAULT_API
+    if "://" not in address:
+        host, port = api_address(address)
+        address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if args.interval <= 0:
+        raise UsageError(f"--interval {args.interval} must be a positive number of seconds")
+    return run_top(address, _setting(args.token, TOKEN_VARIABLE), args.interval, args.once or not sys.stdout.isatty())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -454,6 +577,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = _parser().parse_args(argv)
         if args.command in ("plugins", "check", "graph"):
             return _offline_command(args)
+        if args.command == "top":
+            return top_main(args)
+        if args.command in ("record", "replay"):
+            try:
+                if args.command == "record":
+                    return record_info(args.file)
+                return replay_print(args.file, args.topic, args.limit)
+            except OSError as exc:
+                return _fail(f"{exc}: give the path of a recording made with --record or pipe.record()")
+            except ValueError as exc:
+                return _fail(str(exc))
+            except BrokenPipeError:
+                return 0
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("pipert").addHandler(handler)
@@ -466,7 +602,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         servers = ([(f"RPC on {rpc}", security.endpoint_host(rpc))] if rpc else []) + \
             ([(f"HTTP on {api[0]}:{api[1]}", api[0])] if api else [])
         origins, hosts = _access(args, servers, token)
-        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts, args.insecure)
+        if args.record_wires and not args.record:
+            raise UsageError("--record-wires needs --record FILE.mcap")
+        return run(args.target, rpc, api, token, args.start, args.ack_timeout, args.param, origins, hosts,
+                   args.insecure, args.record, args.record_wires)
     except UsageError as exc:
         print(f"pipert: error: {exc}", file=sys.stderr)
         return 2

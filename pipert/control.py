@@ -264,6 +264,38 @@ class Control:
             raise ControlError(str(exc)) from None
         return {"flows": self.pipe.status()["flows"]}
 
+    # ----- recording -----
+
+    def start_recording(self, arguments: Any = None) -> Dict[str, Any]:
+        """Start recording: ``{"path": "run.mcap", "wires": ["cam", "det"]}`` plus any option of
+        ``Pipe.record`` but ``overwrite``: a control surface never replaces an existing file, and its
+        path must end in ``.mcap``. Returns the recording's status."""
+        options = parse_arguments(arguments, "start_recording")
+        path = options.pop("path", None)
+        if not isinstance(path, str) or not path.endswith(".mcap"):
+            raise ControlError(f'start_recording needs "path", a file name ending in .mcap (got {path!r}), e.g. '
+                               '{"path": "run.mcap", "wires": ["cam"]}')
+        if "overwrite" in options:
+            raise ControlError("a recording started over RPC or HTTP never overwrites a file: choose a new path")
+        try:
+            return self._off_hub(lambda: self.pipe.record(path, overwrite=False, **options).status())
+        except TypeError as exc:
+            raise ControlError(f"start_recording: {exc}: options are path, wires, compression, chunk_size, "
+                               "flush_interval, queue, buffer, images, jpeg_quality") from None
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
+
+    def stop_recording(self) -> Dict[str, Any]:
+        """Stop the recording and finish its file; its final status."""
+        try:
+            return self._off_hub(self.pipe.stop_recording)
+        except PipeError as exc:
+            raise ControlError(str(exc)) from None
+
+    def recording(self) -> Dict[str, Any]:
+        """The status of the recording (the latest one, if none runs); ``{"state": "none"}`` if never."""
+        return self.pipe.status()["recording"] or {"state": "none"}
+
     # ----- introspection -----
 
     def structure(self) -> Dict[str, Any]:

@@ -15,3 +15,7 @@ class EventError(PipeError, ValueError):
 
 class TransportError(PipeError):
     """A message cannot travel over a wire (too large, unpicklable, wire closed)."""
+
+
+class RecordError(PipeError):
+    """A recording cannot start: a bad path, wire name or option."""

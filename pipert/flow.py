@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import TransportError
@@ -26,12 +26,15 @@ from .events import (KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, ST
                      handlers_of)
 from .frames import FrameSampler, encode_frame, find_frame, frame_log_message
 from .params import plain
+from .recorder import FlowTap, switch_tap
 from .routine import Routine, SourceRoutine
+from .signals import received, signal_pipe
 from .timing import Histogram, wall_offset
 from .transport import EMPTY, Closed, Inbox, LocalChannel, WireSender
 
 IDLE, RUNNING, STOPPED, CRASHED, KILLED = "idle", "running", "stopped", "crashed", "killed"
 STATUS_INTERVAL = 0.5  # seconds between two counter reports of a flow
+TAP_DRAIN = 2.0  # seconds a flow that ends gives its recording tap to send what it holds
 _PR_SET_PDEATHSIG = 1
 
 _log = logging.getLogger(__name__)
@@ -109,6 +112,7 @@ class _Runner:
         self.auto_interval = 0.0  # seconds between main_logic calls set by auto pacing
         self.log_data = False
         self.samplers = {d: FrameSampler(flow.pipe._frames_per_second) for d in ("input", "output")}
+        self.tap: Optional[FlowTap] = None  # set while this routine's output is recorded
         self.thread = threading.Thread(target=self._guarded_run, name=routine.name, daemon=True)
 
     def deliver(self, event: Event) -> None:
@@ -217,6 +221,9 @@ class _Runner:
             self.error = str(exc)
             return
         self.messages_out += 1
+        tap = self.tap
+        if tap is not None:
+            tap.offer(self.routine.name, data, self.stamp)
 
     def _handle(self, event: Event) -> bool:
         """Run one event; False once the routine is killed."""
@@ -386,7 +393,10 @@ class _FlowProcess:
         self._send_lock = threading.Lock()
         self.frames = _FrameLogger(pipe._jpeg_quality)
         self.failed = False  # a routine thread ended on an internal error: the flow exits non-zero
+        self.stop_signal: Optional[int] = None  # the stop signal this process got, if any
+        self.hurried = False  # a second stop signal: exit without waiting for the routines
         self.runners = {r.name: _Runner(r, pipe._plans[r.name], self) for r in flow.routines}
+        self.tap: Optional[FlowTap] = None
 
     def send(self, message: tuple) -> None:
         with self._send_lock:
@@ -438,7 +448,25 @@ class _FlowProcess:
         for runner in self.runners.values():
             runner.deliver(Event(0, KILL_EVENT_NAME))
 
-    def run(self) -> None:
+    def _on_signals(self, signums: List[int]) -> Optional[float]:
+        """A stop signal: stop the routines as ``kill`` does (cleanups run); another one: give up on
+        them. Returns the deadline for the routines to finish, if this started the stop."""
+        deadline = None
+        for signum in signums:
+            if self.stop_signal is not None:
+                _log.warning("flow '%s' got %s while stopping: exiting without waiting for cleanups",
+                             self.flow.name, signal.Signals(signum).name)
+                self.hurried = True
+                return None
+            self.stop_signal = signum
+            _log.info("flow '%s' stopping on %s", self.flow.name, signal.Signals(signum).name)
+            self._kill_all()
+            deadline = time.monotonic() + self.pipe._kill_grace
+        return deadline
+
+    def run(self, signals: Any) -> None:
+        """Run the routines until every one is killed (by the daemon, a stop signal or the loss of the
+        daemon); ``signals`` is the read end of the process's ``signal_pipe``."""
         for routine in self.flow.routines:
             routine._runtime = self
             routine.logger = logging.getLogger(self.pipe._routine_logger_name(self.flow.name, routine.name))
@@ -447,13 +475,27 @@ class _FlowProcess:
         self.send(("ready", self.flow.name, os.getpid()))
         last: Dict[str, int] = {}
         reported = fps_logged = time.monotonic()
+        deadline: Optional[float] = None
+        waited: List[Any] = [self.conn, signals]
         while any(r.thread.is_alive() for r in self.runners.values()):
+            if deadline is not None and time.monotonic() > deadline:
+                _log.warning("flow '%s': routines did not finish within %.1f s of the stop signal: exiting "
+                             "without them", self.flow.name, self.pipe._kill_grace)
+                return
             try:
-                if self.conn.poll(STATUS_INTERVAL):
+                for ready in wait(waited, STATUS_INTERVAL):
+                    if ready is signals:
+                        deadline = self._on_signals(received(signals)) or deadline
+                        if self.hurried:
+                            return
+                        continue
                     message = self.conn.recv()
                     if message[0] == "pace":
                         for routine, fps in message[1].items():
                             self.runners[routine].auto_interval = 1.0 / fps if fps else 0.0
+                        continue
+                    if message[0] == "record":
+                        self.tap = switch_tap(self.tap, message[1], self.runners)
                         continue
                     _, event_id, name, routines, params = message
                     for routine in routines:
@@ -462,15 +504,17 @@ class _FlowProcess:
                 _log.warning("flow '%s' lost its daemon; killing its routines", self.flow.name)
                 self._kill_all()
                 self.conn.close()
-                break
+                waited = [signals]
             now = time.monotonic()
-            if now - reported >= STATUS_INTERVAL:
+            if now - reported >= STATUS_INTERVAL and not self.conn.closed:
                 log_fps = now - fps_logged >= self.pipe._fps_log_interval
                 self._report(last, now - reported, log_fps)
                 reported = now
                 fps_logged = now if log_fps else fps_logged
         for runner in self.runners.values():
             runner.thread.join()
+        if self.tap is not None:
+            self.tap.join(TAP_DRAIN)
         self._report(last, time.monotonic() - reported, False)
 
 
@@ -485,21 +529,32 @@ def _forward_logs(pipe: Any, send: Callable[[tuple], None]) -> _ForwardHandler:
 
 
 def run_flow(pipe: Any, flow_name: str, fd: int) -> None:
-    """Body of a flow process (forked from the zygote); never returns."""
+    """Body of a flow process (forked from the zygote); never returns.
+
+    A flow that stopped on a stop signal ends by that signal (its exit status says
+    so), after its routines' cleanups, so the daemon sees why it ended.
+    """
     code = 0
+    process = None
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signals = signal_pipe()
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         process = _FlowProcess(pipe, pipe.flows[flow_name], Connection(fd))
         forward = _forward_logs(pipe, process.send)
-        process.run()
-        forward.flush()
+        process.run(signals[0])
+        if not process.hurried:
+            forward.flush()
         code = 1 if process.failed else 0
     except BaseException:
         _log.exception("flow '%s' failed", flow_name)
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed terminal (SIGHUP) or pipe
+                pass
+        if process is not None and process.stop_signal is not None:
+            signal.signal(process.stop_signal, signal.SIG_DFL)
+            os.kill(os.getpid(), process.stop_signal)
         os._exit(code)

@@ -11,8 +11,9 @@ comes from ``cv2``.
 from __future__ import annotations
 
 import base64
+import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import cv2
 import numpy as np
@@ -80,12 +81,12 @@ def _to_uint8(frame: np.ndarray) -> np.ndarray:
     return np.clip(frame, 0, 255).astype(np.uint8)
 
 
-def encode_frame(frame: np.ndarray, quality: int = 70, max_width: int | None = 640) -> str:
-    """``frame`` as base64 JPEG text (no ``data:`` prefix), what the cockpit displays.
+def encode_jpeg(frame: np.ndarray, quality: int = 70, max_width: int | None = 640) -> bytes:
+    """``frame`` as JPEG bytes.
 
     Frames wider than ``max_width`` are shrunk to that width, keeping the aspect
-    ratio, so that sampled frames stay small on the wire; ``None`` keeps the size.
-    ``frame`` is never modified (it may be a read-only view of shared memory).
+    ratio; ``None`` keeps the size. ``frame`` is never modified (it may be a
+    read-only view of shared memory).
     """
     if not _is_image(frame):
         shape = getattr(frame, "shape", None)
@@ -108,7 +109,16 @@ def encode_frame(frame: np.ndarray, quality: int = 70, max_width: int | None = 6
     ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     if not ok:
         raise ValueError(f"OpenCV could not JPEG-encode a frame of shape {frame.shape}.")
-    return base64.b64encode(jpeg.tobytes()).decode("ascii")
+    return jpeg.tobytes()
+
+
+def encode_frame(frame: np.ndarray, quality: int = 70, max_width: int | None = 640) -> str:
+    """``frame`` as base64 JPEG text (no ``data:`` prefix), what the cockpit displays.
+
+    Frames wider than ``max_width`` are shrunk to that width (see :func:`encode_jpeg`),
+    so that sampled frames stay small on the wire.
+    """
+    return base64.b64encode(encode_jpeg(frame, quality, max_width)).decode("ascii")
 
 
 def frame_log_message(direction: str, b64: str) -> str:
@@ -117,6 +127,25 @@ def frame_log_message(direction: str, b64: str) -> str:
     if direction not in FRAME_DIRECTIONS:
         raise ValueError(f"frame direction must be 'input' or 'output', got {direction!r}.")
     return f"{direction}: , 'data': {{'image_base64': '{b64}'}}"
+
+
+def parse_frame_message(message: str) -> Tuple[str, str] | None:
+    """``(direction, b64)`` of a message made by :func:`frame_log_message`, else ``None``:
+    how the daemon tells frames from ordinary log records."""
+    for direction in FRAME_DIRECTIONS:
+        prefix = f"{direction}: , 'data': {{'image_base64': '"
+        if message.startswith(prefix) and message.endswith("'}"):
+            return direction, message[len(prefix):-2]
+    return None
+
+
+class FrameFilter(logging.Filter):
+    """Keeps frame records (tens of kilobytes of base64 each) out of text logs such as a terminal's;
+    the cockpit's and the dashboard's handlers still get them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) and not record.args else record.getMessage()
+        return parse_frame_message(message) is None
 
 
 class FrameSampler:

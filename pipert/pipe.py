@@ -21,17 +21,21 @@ from multiprocessing.connection import Connection
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
-from .errors import BuildError, EventError
+from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
-                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
+                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, describe_handlers, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
+from .frames import FrameFilter
 from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
+from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
+from .signals import STOP_SIGNALS, heeded
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, WireSender, create_ring
 from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
 
 _READY_TIMEOUT = 30.0
+_SETTLE = 1.0  # seconds a stop signal seen first in a flow or the zygote waits for the daemon's own
 PARAMS_TIMEOUT = 10.0  # seconds set_params waits for the routine to apply new values
 _log = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ def _default_logger() -> logging.Logger:
     if not logger.hasHandlers():
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(FrameFilter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     return logger
@@ -174,7 +179,11 @@ class Pipe:
         self._closed = False
         self._shut_down = threading.Event()
         self._killing = False
-        self._previous_sigterm: Any = None
+        self._zygote_lost = False
+        self._settled_until = 0.0  # until then, a stop signal reported by a flow needs no new wait
+        self._replaced_handlers: Dict[int, Any] = {}
+        self._recording: Optional[Recording] = None
+        self._record_lock = threading.Lock()
 
     # ----- declaring the graph -----
 
@@ -370,7 +379,7 @@ class Pipe:
             raise
         finally:
             self._building = False
-        self._install_sigterm()
+        self._install_stop_handlers()
         if self._auto_pacing:
             threading.Thread(target=self._pace_sources, name="pipert-pacing", daemon=True).start()
         structure = self.structure()
@@ -379,14 +388,17 @@ class Pipe:
                 handler.send_pipe_creation(structure)
         self.logger.plog("pipe %s built: %d flows, %d routines", self.id, len(self.flows), len(self._plans))
 
-    def _install_sigterm(self) -> None:
+    def _install_stop_handlers(self) -> None:
+        """In a script: SIGTERM and SIGHUP, unless the script handles them, exit like Ctrl-C does (so
+        ``join`` and atexit shut the pipe down) instead of ending the daemon without clean-up."""
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            def terminate(signum: int, frame: Any) -> None:
-                raise SystemExit(128 + signum)
-            self._previous_sigterm = signal.SIG_DFL
-            signal.signal(signal.SIGTERM, terminate)
+        def stop(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                self._replaced_handlers[signum] = signal.SIG_DFL
+                signal.signal(signum, stop)
 
     def _spawn(self, flow: str) -> None:
         ours, theirs = socket.socketpair()
@@ -438,16 +450,60 @@ class Pipe:
             except OSError:
                 report = ()
             if not report:
+                if not self._closed:
+                    self._lost_zygote()
                 return
             if report[0] == "spawned":
                 self._states[report[1]].pid = report[2]
             elif report[0] == "exited":
                 self._flow_exited(report[1], report[2], report[3])
+            elif report[0] == "signalled" and not self._stopping():
+                self._zygote_signalled(report[1])
+
+    def _stopping(self) -> bool:
+        """Whether the pipe is being killed or shut down, after waiting up to ``_SETTLE`` s for that.
+
+        A stop signal sent to the whole process group (or cgroup) reaches the daemon, the zygote and
+        every flow at about the same moment, and a flow or the zygote may report theirs first: only
+        if the daemon has not begun to stop by then was the signal meant for them alone.
+        """
+        now = time.monotonic()
+        deadline = now + _SETTLE if now >= self._settled_until else now  # one wait serves a burst of reports
+        while not (self._killing or self._closed) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not (self._killing or self._closed):
+            self._settled_until = time.monotonic() + _SETTLE
+        return self._killing or self._closed
+
+    def _zygote_signalled(self, signum: int) -> None:
+        """A stop signal reached the zygote alone. The zygote lives on (only it can fork flows) but
+        passes the signal to its flows: they stop, cleanups run, and each restarts by its policy."""
+        name = signal.Signals(signum).name
+        self.logger.warning("the zygote (pid %d) got %s: passing it to its flows, which restart by their "
+                            "policy", self._zygote.pid, name)
+        for state in self._states.values():
+            if state.alive and state.pid:
+                try:
+                    os.kill(state.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _lost_zygote(self) -> None:
+        """The zygote died (SIGKILL, a crash): its flows died with it and none can be forked again."""
+        self._zygote_lost = True
+        self.logger.error("the zygote (pid %d) ended unexpectedly: its flows ended with it and cannot be "
+                          "restarted", self._zygote.pid)
+        for flow, state in self._states.items():
+            if state.alive:
+                self._flow_exited(flow, state.pid or 0, -signal.SIGKILL)
 
     def _flow_exited(self, flow: str, pid: int, code: int) -> None:
         """A flow process ended: free its shared memory, unwedge its wires, maybe restart it."""
         state = self._states[flow]
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        stop_signal = -code in STOP_SIGNALS
+        if stop_signal:
+            self._stopping()  # a signal to the whole group is a stop, not a fault of this flow
         with self._lock:
             state.alive = False
             state.exit_code = code
@@ -456,7 +512,7 @@ class Pipe:
                 state.routines.setdefault(routine.name, {})["state"] = "killed" if self._killing else "dead"
         shm.unlink_owned(self.id, pid)
         self._recover_wires(flow)
-        if code != 0 or not self._killing:
+        if not self._killing or (code != 0 and not stop_signal):
             self.logger.error("flow '%s' (pid %d) ended: %s", flow, pid, how)
         for result in list(self._results.values()):
             for routine in self.flows[flow].routines:
@@ -482,7 +538,7 @@ class Pipe:
         """Restart ``flow`` later if its policy and budget allow; True if scheduled."""
         spec, state = self.flows[flow], self._states[flow]
         if spec.restart == "never" or (spec.restart == "on-failure" and code == 0) or self._closed \
-                or self._building:
+                or self._building or self._zygote_lost:
             return False
         now = time.monotonic()
         state.restart_times = [t for t in state.restart_times if now - t < spec.restart_window]
@@ -503,7 +559,7 @@ class Pipe:
     def _restart(self, flow: str) -> None:
         state = self._states[flow]
         try:
-            if self._closed or self._killing:
+            if self._closed or self._killing or self._zygote_lost:
                 return
             for wire in self._remote:  # before the new consumer reads: producers stop dropping for it
                 if wire.destination_flow == flow:
@@ -516,6 +572,8 @@ class Pipe:
             for routine in self.flows[flow].routines:  # the zygote holds the values of build time
                 if routine.name in self._params_set:
                     self._dispatch(PARAMS_EVENT_NAME, {flow: [routine.name]}, routine.params)
+            if self._recording is not None:
+                self._recording.flow_started(flow)
             wanted = [r.name for r in self.flows[flow].routines if self._wanted.get(r.name) == START_EVENT_NAME]
             if wanted:
                 self._dispatch(START_EVENT_NAME, {flow: wanted}, {})
@@ -668,6 +726,32 @@ class Pipe:
             self.logger.warning("event '%s' goes nowhere: no chosen routine handles it", event_name)
         return self._dispatch(event_name, resolved, params)
 
+    # ----- recording -----
+
+    def record(self, path: str, wires: Optional[List[str]] = None, **options: Any) -> Recording:
+        """Record the outputs of the routines ``wires`` (all routines with an output when None) into
+        the MCAP file ``path``, one topic per routine, until ``stop_recording()``, kill or exit.
+
+        Recording never slows the pipe: what it cannot keep up with is dropped and counted, in the
+        file and in ``status()["recording"]``. ``options`` are those of ``pipert.recorder.Recording``
+        (``compression``, ``chunk_size``, ``flush_interval``, ``queue``, ``buffer``, ``images``,
+        ``jpeg_quality``, ``overwrite``). Raises RecordError for a bad path, wire or option.
+        """
+        if not self._built or self._closed:
+            raise RecordError("record() needs a running pipe: call pipe.build() first")
+        with self._record_lock:
+            if self._recording is not None and self._recording.state in ("starting", "recording", "stopping"):
+                raise RecordError(f"the pipe already records to {self._recording.path}: stop_recording() first")
+            self._recording = Recording(self, path, wires, **options)
+            return self._recording
+
+    def stop_recording(self) -> Dict[str, Any]:
+        """End the recording: the flows send what they hold, the file is finished. Its final status."""
+        recording = self._recording
+        if recording is None:
+            raise RecordError("the pipe is not recording: start with pipe.record(path)")
+        return recording.stop()
+
     # ----- parameters at runtime -----
 
     def _routine(self, name: str) -> Routine:
@@ -746,15 +830,24 @@ class Pipe:
             timer.daemon = True
             timer.start()
 
+    def terminate(self) -> None:
+        """Kill every flow process at once (SIGKILL), without waiting for cleanups: what a second stop
+        signal does. ``join`` returns once their exits are reported; shared memory is freed as usual.
+        Safe to call from a signal handler (it only sends signals)."""
+        self._killing = True
+        for state in list(self._states.values()):
+            if state.alive and state.pid:
+                try:
+                    os.kill(state.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def _terminate_stragglers(self) -> None:
         for name, state in self._states.items():
             if state.alive and state.pid:
                 self.logger.warning("flow '%s' did not finish within %.1f s of kill (a routine stuck in "
                                     "main_logic?): terminating it", name, self._kill_grace)
-                try:
-                    os.kill(state.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        self.terminate()
 
     def join(self, to_kill: bool = False) -> None:
         """Wait until every flow has exited (after ``kill``); ``to_kill=True`` kills first.
@@ -779,9 +872,18 @@ class Pipe:
         if closing_elsewhere:
             self._shut_down.wait()
             return
+        main = threading.current_thread() is threading.main_thread()
+        previous = {signum: signal.getsignal(signum) for signum in heeded()} if main else {}
+        for signum in previous:  # a stop signal now hurries the shutdown instead of cutting it short
+            signal.signal(signum, lambda signum, frame: self.terminate())
         try:
             self._stop_everything()
         finally:
+            if main:
+                previous.update(self._replaced_handlers)
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
             self._shut_down.set()
 
     def _stop_everything(self) -> None:
@@ -791,6 +893,8 @@ class Pipe:
             if not self._all_exited.wait(self._kill_grace + 0.5):
                 self._terminate_stragglers()
                 self._all_exited.wait(5.0)
+        if self._recording is not None:
+            self._recording.stop()
         if self._zygote is not None:
             self._zygote.stop()
         for state in self._states.values():
@@ -799,8 +903,6 @@ class Pipe:
         shm.unlink_owned(self.id)
         self._close_shared_memory()
         atexit.unregister(self._shutdown)
-        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def _close_shared_memory(self) -> None:
         """Close the daemon's own mappings and semaphores (they hold file descriptors)."""
@@ -818,14 +920,18 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines, the events they handle and the parameters they declare (the cockpit's
-        ``pipe_creation`` message)."""
+        """The routines, the events they handle with their handlers' parameters and the parameters
+        they declare (the cockpit's ``pipe_creation`` message), and the wires, one per destination,
+        with policy and depth."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
                           "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "event_params": {e: p for e, p in describe_handlers(r).items() if e not in BUILTIN_EVENTS},
                           "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
             "Events": list(BUILTIN_EVENTS),
+            "Wires": [{"source": w.source.name, "destination": d.name, "policy": w.policy or self._wire_policy,
+                       "depth": w.depth or self._wire_depth} for w in self.wires for d in w.destinations],
         }
 
     def status(self) -> Dict[str, Any]:
@@ -855,4 +961,5 @@ class Pipe:
         for source, destination, flow, key in self._local:
             depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
             wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
-        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires}
+        recording = self._recording.status() if self._recording is not None else None
+        return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires, "recording": recording}

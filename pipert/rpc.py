@@ -2,9 +2,10 @@
 
 ``RPCPipeWrapper(pipe).run_rpc_server("tcp://127.0.0.1:4242")`` serves the
 methods ``execute(name, arguments)``, ``start``, ``pause``, ``kill``,
-``join(arguments)``, ``set_params(routine, arguments)``, ``structure`` and
-``status`` (see ``pipert.control`` for the form of ``execute``'s arguments and
-for what each returns). Bad input comes
+``join(arguments)``, ``set_params(routine, arguments)``, ``structure``, ``status``,
+``start_recording(arguments)``, ``stop_recording`` and ``recording`` (see
+``pipert.control`` for the form of ``execute``'s arguments and for what each
+returns). Bad input comes
 back to the caller as a ``zerorpc.RemoteError`` named ``ControlError``; the
 server and the pipe go on. zerorpc speaks msgpack: nothing received is ever
 unpickled.
@@ -85,7 +86,8 @@ class RPCPipeWrapper(zerorpc.Server):
     non-loopback address needs a ``token``, or ``insecure=True``.
     """
 
-    COMMANDS = ("execute", "start", "pause", "kill", "join", "set_params", "structure", "status")
+    COMMANDS = ("execute", "start", "pause", "kill", "join", "set_params", "structure", "status",
+                "start_recording", "stop_recording", "recording")
 
     def __init__(self, pipe: Pipe, token: Optional[str] = None, ack_timeout: float = 10.0,
                  heartbeat: int = 5, insecure: bool = False) -> None:
@@ -176,3 +178,19 @@ class RPCPipeWrapper(zerorpc.Server):
     def status(self) -> Dict[str, Any]:
         """Routine states, messages in/out and FPS; wire depths and drops; flow pids."""
         return self._call(self.control.status)
+
+    @_introspectable
+    def start_recording(self, encoded_arguments: Any = None) -> Dict[str, Any]:
+        """Record wires into a new MCAP file: '{"path": "run.mcap", "wires": ["cam", "det"]}' (all wires
+        without "wires"). Returns the recording's status."""
+        return self._call(self.control.start_recording, encoded_arguments)
+
+    @_introspectable
+    def stop_recording(self) -> Dict[str, Any]:
+        """Stop the recording and finish its file; returns its final status."""
+        return self._call(self.control.stop_recording)
+
+    @_introspectable
+    def recording(self) -> Dict[str, Any]:
+        """The recording's status: path, wires, state, messages and drops per wire, error."""
+        return self._call(self.control.recording)

@@ -7,6 +7,11 @@ still has the user's routines in memory: routines defined in a script work.
 The zygote reaps its children through pidfds and reports their exit codes. If
 the daemon dies, the zygote waits for the flows (they notice on their own),
 kills stragglers, and unlinks the pipe's shared memory.
+
+A stop signal (SIGTERM, SIGINT, SIGHUP) does not end the zygote: only its
+daemon does, by closing the socket. The zygote reports the signal, and the
+daemon decides whether it was part of a stop of the whole group or meant for the
+zygote alone (then its flows are stopped as failed and restart by policy).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import time
 from typing import Callable, Dict, Tuple
 
 from . import shm
+from .signals import close_pipe, received, signal_pipe
 
 _ORPHAN_GRACE = 3.0  # seconds flows get to exit on their own once the daemon is gone
 
@@ -47,7 +53,8 @@ class Zygote:
         socket.send_fds(self.sock, [pickle.dumps(("spawn", flow))], [fd])
 
     def receive(self) -> Tuple:
-        """One report: ("spawned", flow, pid) or ("exited", flow, pid, exit code); () at EOF."""
+        """One report: ("spawned", flow, pid), ("exited", flow, pid, exit code) or ("signalled", signum);
+        () at EOF."""
         data = self.sock.recv(65536)
         return pickle.loads(data) if data else ()
 
@@ -65,14 +72,20 @@ class Zygote:
 
 
 def _serve(sock: socket.socket, pipe_id: str, run_flow: Callable[[str, int], None]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signals = signal_pipe()
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
+    selector.register(signals[0], selectors.EVENT_READ)
     children: Dict[int, Tuple[int, str]] = {}
     while True:
         for key, _ in selector.select():
-            if key.fileobj is sock:
+            if key.fileobj is signals[0]:
+                for signum in received(signals[0]):
+                    try:
+                        sock.send(pickle.dumps(("signalled", signum)))
+                    except OSError:
+                        pass
+            elif key.fileobj is sock:
                 data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
                 if not data:
                     _orphaned(children, pipe_id)
@@ -82,6 +95,7 @@ def _serve(sock: socket.socket, pipe_id: str, run_flow: Callable[[str, int], Non
                 if pid == 0:
                     selector.close()
                     sock.close()
+                    close_pipe(signals)
                     for pidfd in children:
                         os.close(pidfd)
                     run_flow(flow, fds[0])

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -68,6 +69,18 @@ def descendants(root):
 def living(pids):
     """The pids of ``pids`` that are alive (zombies count as gone)."""
     return [pid for pid in pids if (_state(pid) or ["Z"])[0] != "Z"]
+
+
+def kill_survivors(pids, timeout=10.0):
+    """Wait up to ``timeout`` s for ``pids`` to end; SIGKILL those still alive and return them."""
+    try:
+        wait_for(lambda: not living(pids), timeout=timeout)
+        return []
+    except AssertionError:
+        survivors = living(pids)
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        return survivors
 
 
 def read_lines(path):
