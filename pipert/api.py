@@ -12,6 +12,8 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /recording/start  /recording/stop  /recording    record wires to MCAP (extra_args {"path", "wires"}),
                                                      stop it, its status
     /  /dashboard/<file>  /dashboard/stream          the web dashboard, its files, its live stream
+    /metrics                                         Prometheus metrics (text format)
+    /healthz  /readyz                                health probes (no token needed)
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
@@ -25,7 +27,8 @@ token (401), an unknown route or routine (404) or method (405).
 Every request first passes ``pipert.security``: a ``Host`` or a browser page's
 origin that is not allowed gets 403 (the cockpit's origin is allowed by
 default, and gets CORS headers naming it), a body over 1 MiB 413, a client too
-slow to send its request 408. Preflight requests need no token.
+slow to send its request 408. Preflight requests need no token. ``/readyz`` answers
+200 ``{"ready": true, "reasons": []}`` or 503 with the reasons the pipeline is not ready.
 
 The server is gevent's WSGI server on its own thread and hub; blocking waits
 run on that hub's thread pool, so a slow event handler never delays other
@@ -48,6 +51,8 @@ from . import security
 from .control import Control, ControlError
 from .dashboard import Dashboard, Reply
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
+from .health import readiness
+from .metrics import exposition
 from .pipe import Pipe
 
 _STOP_TIMEOUT = 3.0  # seconds requests under way get to finish when the server stops
@@ -74,11 +79,16 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route(""), "page"),
     (_route("/dashboard/stream"), "stream"),
     (_route("/dashboard/<asset>"), "asset"),
+    (_route("/metrics"), "metrics"),
+    (_route("/healthz"), "healthz"),
+    (_route("/readyz"), "readyz"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
               "/routines/events/<event>/execute, /routines/<routine>/params, /recording/start, /recording/stop, " \
-              "/recording, / (the dashboard), /dashboard/stream"
-_PUBLIC = ("page", "asset")  # the dashboard's page and files: code without data, served without the token
+              "/recording, / (the dashboard), /dashboard/stream, /metrics, /healthz, /readyz"
+# served without the token: the dashboard's page and files (code without data), and the health probes
+# (a probe carries no token)
+_PUBLIC = ("page", "asset", "healthz", "readyz")
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -285,6 +295,20 @@ class APIWrapper:
         if event == KILL_EVENT_NAME:  # the cockpit's "kill" for the whole pipe: as /kill
             return self._kill(extra_args)
         return self.control.send(event, None, extra_args)
+
+    def _metrics(self, extra_args: Dict[str, Any]) -> Reply:
+        self._no_arguments("/metrics", extra_args)
+        body, content_type = exposition(self.control.pipe)
+        return Reply(content_type, lambda environ: [body], [("Content-Length", str(len(body)))])
+
+    def _healthz(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        return {"status": "serving", "pipe": self.control.pipe.id}
+
+    def _readyz(self, extra_args: Dict[str, Any]) -> Reply:
+        reasons = readiness(self.control.pipe)
+        body = json.dumps({"ready": not reasons, "reasons": reasons}).encode("utf-8")
+        return Reply("application/json", lambda environ: [body], [("Content-Length", str(len(body)))],
+                     status=503 if reasons else 200)
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)

@@ -29,6 +29,7 @@ latest of each instead of logging them.
 from __future__ import annotations
 
 import collections
+import http
 import importlib.resources
 import json
 import logging
@@ -59,21 +60,23 @@ _log = logging.getLogger(__name__)
 
 
 class Reply:
-    """A route's answer that is not a JSON document: a page, a file or a stream.
+    """A route's answer that is not a JSON document: a page, a file, a stream, metrics or a probe.
 
     ``body(environ)`` runs when the reply is sent: it may still raise ControlError
     (a bad query), and a stream reads its query and headers there.
     """
 
     def __init__(self, content_type: str, body: Callable[[Dict[str, Any]], Iterable[bytes]],
-                 headers: Iterable[Tuple[str, str]] = ()) -> None:
+                 headers: Iterable[Tuple[str, str]] = (), status: int = 200) -> None:
         self.content_type = content_type
         self.body = body
         self.headers = list(headers)
+        self.status = status
 
     def send(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         body = self.body(environ)
-        start_response("200 OK", [("Content-Type", self.content_type), *self.headers])
+        start_response(f"{self.status} {http.HTTPStatus(self.status).phrase}",
+                       [("Content-Type", self.content_type), *self.headers])
         return body
 
 

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
 from .errors import BuildError, EventError, RecordError
@@ -26,10 +26,12 @@ from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAM
                      START_EVENT_NAME, STOP_EVENT_NAME, check_params, describe_handlers, handlers_of)
 from .flow import IDLE, Flow, RoutinePlan, channel_key, run_flow
 from .frames import FrameFilter
+from .metrics import COUNTERS, HISTOGRAMS, EventStats, Totals
 from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
 from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .signals import STOP_SIGNALS, heeded
+from .socket_logger import CockpitHandler
 from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, WireSender, create_ring
 from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
@@ -54,7 +56,8 @@ def _default_logger() -> logging.Logger:
 class EventResult:
     """The acknowledgements of one event, filled in as its routines report back."""
 
-    def __init__(self, event: str, routines: List[str]) -> None:
+    def __init__(self, event: str, routines: List[str],
+                 observe: Optional[Callable[[str, str, Optional[str], float], None]] = None) -> None:
         self.event = event
         self.routines = list(routines)
         self.handled_by: List[str] = []
@@ -62,6 +65,8 @@ class EventResult:
         self._pending = set(routines)
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._observe = observe  # called with (event, routine, error, seconds since sent) at each ack
+        self._sent = time.monotonic()
         if not self._pending:
             self._done.set()
 
@@ -70,6 +75,8 @@ class EventResult:
             if routine not in self._pending:
                 return
             self._pending.discard(routine)
+            if self._observe is not None:
+                self._observe(self.event, routine, error, time.monotonic() - self._sent)
             if error is None:
                 self.handled_by.append(routine)
             else:
@@ -117,6 +124,7 @@ class _FlowState:
         self.restarts = 0
         self.routines: Dict[str, Dict[str, Any]] = {}
         self.channels: Dict[str, Tuple[int, int]] = {}
+        self.totals = Totals()  # counts of the flow's earlier processes
 
 
 class Pipe:
@@ -167,6 +175,7 @@ class Pipe:
         self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
+        self._event_stats = EventStats()
         self._local: List[Tuple[str, str, str, str]] = []
         self._states: Dict[str, _FlowState] = {}
         self._results: Dict[int, EventResult] = {}
@@ -421,10 +430,13 @@ class Pipe:
                 message = conn.recv()
             except (EOFError, OSError):
                 conn.close()
+                with self._lock:  # this process reports no more: its counts carry forward
+                    state.totals.take(state.routines, state.channels)
                 return
             kind = message[0]
-            if kind == "ack":
-                state.routines.setdefault(message[2], {}).update(message[4])
+            if kind == "ack":  # its counts may be older than the last report's: keep those
+                state.routines.setdefault(message[2], {}).update(
+                    {k: v for k, v in message[4].items() if k not in COUNTERS})
                 result = self._results.get(message[1])
                 if result is not None:
                     result._ack(message[2], message[3])
@@ -689,7 +701,7 @@ class Pipe:
 
     def _dispatch(self, name: str, targets: Dict[str, List[str]], params: Dict[str, Any]) -> EventResult:
         event_id = next(self._event_ids)
-        result = EventResult(name, [r for routines in targets.values() for r in routines])
+        result = EventResult(name, [r for routines in targets.values() for r in routines], self._observe_ack)
         self._results[event_id] = result
         if name == KILL_EVENT_NAME:
             self._killing = True
@@ -937,15 +949,16 @@ class Pipe:
     def status(self) -> Dict[str, Any]:
         """Routine states, counters and parameter values, flow processes, and wire depths and drops, as
         plain JSON."""
+        reports = self._reports()
         routines = {}
         for flow in self._flow_list:
-            state = self._states.get(flow.name)
             for routine in flow.routines:
-                reported = state.routines.get(routine.name, {}) if state else {}
+                reported = reports[routine.name]
                 routines[routine.name] = {
                     "flow": flow.name, "state": reported.get("state", IDLE),
-                    "messages_in": reported.get("messages_in", 0), "messages_out": reported.get("messages_out", 0),
-                    "fps": reported.get("fps", 0.0), "capacity": reported.get("capacity"),
+                    "messages_in": reported["messages_in"], "messages_out": reported["messages_out"],
+                    "errors": reported["errors"], "fps": reported.get("fps", 0.0),
+                    "capacity": reported.get("capacity"),
                     "paced_fps": reported.get("paced_fps"), "log_data": reported.get("log_data", False),
                     "error": reported.get("error"), "condition": reported.get("condition"),
                     "latency": reported.get("latency"),
@@ -959,7 +972,36 @@ class Pipe:
             wires.append({"source": wire.source, "destination": wire.destination, "depth": depth,
                           "dropped": dropped})
         for source, destination, flow, key in self._local:
-            depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
+            state = self._states.get(flow)
+            with self._lock:
+                depth, dropped = state.channels.get(key, (0, 0)) if state else (0, 0)
+                dropped = state.totals.dropped(key, dropped) if state else dropped
             wires.append({"source": source, "destination": destination, "depth": depth, "dropped": dropped})
         recording = self._recording.status() if self._recording is not None else None
         return {"pipe": self.id, "routines": routines, "flows": flows, "wires": wires, "recording": recording}
+
+    def _reports(self) -> Dict[str, Dict[str, Any]]:
+        """Each routine's last report, with the counts of its flow's earlier processes added."""
+        empty = _FlowState()
+        with self._lock:
+            return {routine.name: state.totals.routine(routine.name, state.routines.get(routine.name, {}))
+                    for flow in self._flow_list for state in [self._states.get(flow.name, empty)]
+                    for routine in flow.routines}
+
+    def _observe_ack(self, event: str, routine: str, error: Optional[str], seconds: float) -> None:
+        self._event_stats.observe(event, self._flow_of.get(routine, ""), routine, error, seconds)
+
+    def started_routines(self) -> List[str]:
+        """The routines whose last ``start``/``stop`` event was ``start``: they should be running."""
+        return sorted(name for name, event in self._wanted.items() if event == START_EVENT_NAME)
+
+    def metrics(self) -> Dict[str, Any]:
+        """What ``/metrics`` exposes, as plain JSON: ``status()`` with each routine's histograms (latency,
+        main_logic durations), the acknowledgements of events, and the log records the cockpit missed."""
+        snapshot = self.status()
+        for name, reported in self._reports().items():
+            snapshot["routines"][name].update({key: reported[key] for key in HISTOGRAMS})
+        snapshot["events"] = self._event_stats.snapshot()
+        snapshot["cockpit_dropped_records"] = sum(h.dropped for h in self.logger.handlers
+                                                  if isinstance(h, CockpitHandler))
+        return snapshot
