@@ -174,6 +174,7 @@ class _Runner:
                     self._show("output", data)
                 if self.plan.senders:
                     self._send(data)
+            message = data = None  # so the transport sees the arrays are gone before it waits again
 
     def _pace(self) -> None:
         """Wait until the routine's rate cap (const FPS or auto pacing) lets the next call start."""

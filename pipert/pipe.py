@@ -32,7 +32,7 @@ from .recorder import Recording
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .signals import STOP_SIGNALS, heeded
 from .socket_logger import CockpitHandler
-from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
+from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, WireSender, create_ring
 from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
 
@@ -342,10 +342,10 @@ class Pipe:
                 plan = plans[destination.name]
                 if destination in remote_destinations:
                     receiver = remote_destinations.index(destination)
-                    ring = ShmRing.create(self.id, f"{index}_{receiver}", self._ring_capacity, wire.depth, wire.policy)
+                    ring = create_ring(self.id, f"{index}_{receiver}", self._ring_capacity, wire.depth, wire.policy)
                     target = RemoteTarget(ring, plan.inbox.bell, receiver, pool)
                     remote.append(target)
-                    plan.inbox.readers.append(RingReader(ring, pool, receiver, wire.policy))
+                    plan.inbox.readers.append(RingReader(ring, pool, receiver))
                     self._remote.append(_RemoteWire(source, destination.name, flow_of[source],
                                                     flow_of[destination.name], target))
                 else:
@@ -535,14 +535,15 @@ class Pipe:
             self._all_exited.set()
 
     def _recover_wires(self, flow: str) -> None:
-        """Make the rings of a dead flow safe: no held lock, no slot held forever, no producer
-        waiting forever for a dead consumer."""
+        """Make the rings of a dead flow safe: no slot held forever, no producer waiting
+        forever for a dead consumer."""
         for wire in self._remote:
             target = wire.target
             if wire.source_flow == flow:
-                target.ring.recover(True, target.on_drop, wire.destination_flow == flow)
+                target.ring.recover(wire.destination_flow == flow)
+                target.pool.release_all(target.receiver)
             elif wire.destination_flow == flow:
-                kept = target.ring.recover(False, target.on_drop, True)
+                kept = target.ring.recover(True)
                 target.pool.release_all(target.receiver, kept)
 
     def _schedule_restart(self, flow: str, code: int) -> bool:
