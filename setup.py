@@ -10,6 +10,7 @@ setup(
     version="0.1.0",
     description="Real-time pipeline daemon for video and sensor analytics",
     packages=find_packages(include=["pipert", "pipert.*"]),
+    package_data={"pipert": ["static/*"]},  # the dashboard's page, script and style
     python_requires=">=3.9",
     install_requires=[
         "numpy",

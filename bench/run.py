@@ -1,17 +1,20 @@
-"""`make bench`: our pipert against PipeRT 2.4.0, same scenarios, one table.
+"""`make bench`: pipert against PipeRT 2.4.0, dora-rs 1.1 and iceoryx2 0.10, same scenarios, one table.
 
-PipeRT 2.4.0 (PyPI ``PipeRT``, imported as ``pipert2``) lives in its own venv,
-bench/.venv-pipert2, created here when missing. Each scenario runs as its own
-subprocess: bench/pipert2_scenarios.py with that venv's interpreter and
-bench/pipert_scenarios.py with this one; both print one ``BENCH_RESULT`` JSON
+Each peer lives in its own venv under .bench-venvs/ (git-ignored), created here
+when missing and reused by later runs: PipeRT 2.4.0 (PyPI ``PipeRT``, imported
+as ``pipert2``), dora-rs 1.1 (``dora-rs`` and ``dora-rs-cli``: Python nodes, a
+dataflow YAML, ``dora run``) and iceoryx2 0.10 (publish-subscribe with an event
+listener). Each scenario runs as its own subprocess, bench/<impl>_scenarios.py
+with that implementation's interpreter; each prints one ``BENCH_RESULT`` JSON
 line. Scenarios:
-  small   a dict {counter, ts, tag} from a source flow to a destination flow
-  frame   a 1080x1920x3 uint8 frame (PipeRT: SharedMemoryTransmitter); the
-          source fills each frame (one copy of a prepared image) like a
-          camera would, into a plain array (PipeRT) or into
-          Routine.shared_array (pipert, sent without a copy)
-  fanout  the same frame to 3 destination flows
+  small   a dict {counter, ts, tag} from a source process to a destination process
+  frame   a 1080x1920x3 uint8 frame, stamped (counter at three places, checksum of
+          a sample) in the transport's own shared memory where it has one
+          (pipert: Routine.shared_array; iceoryx2/dora: a loaned buffer), in a
+          plain array otherwise (PipeRT 2)
+  fanout  the same frame to 3 destination processes
   copyto  numpy.copyto of one frame (the memory-bandwidth bound), measured here
+  idle    CPU of a paced 30 fps pipeline of 4 flows (pipert), measured here
 Each scenario: warm-up, 3 throughput runs of 5 s at full speed, then (small
 and frame) 3 latency runs of 5 s paced at 1000 msg/s or 30 frames/s, so that
 latency is transit time through an idle pipeline. Figures are medians of the
@@ -20,8 +23,8 @@ latency is transit time through an idle pipeline. Figures are medians of the
 Exit status: 0 when everything ran and arrived intact, even if targets are
 missed (it is a report); 1 on a crash, a missing result, or an integrity
 failure on our side (counter not increasing, frame stamp or checksum wrong,
-or a message lost on a lossless "block" wire). PipeRT 2's own integrity
-errors are printed as warnings: it is the baseline, not the product.
+or a message lost on a lossless "block" wire). The peers' own integrity
+errors are printed as warnings: they are the baseline, not the product.
 """
 import argparse
 import json
@@ -38,32 +41,40 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 
-PIPERT2_VENV = os.path.join(HERE, ".venv-pipert2")
-PIPERT2_PYTHON = os.path.join(PIPERT2_VENV, "bin", "python")
-PIPERT2_REQUIREMENT = "PipeRT[shared_memory]==2.4.0"
+VENVS = os.path.join(ROOT, ".bench-venvs")
+# implementation -> (column title, requirements of its venv, import check); pipert runs in this interpreter
+PEERS = {
+    "pipert2": ("PipeRT 2.4.0", ["PipeRT[shared_memory]==2.4.0", "numpy"],
+                "import pipert2, posix_ipc, numpy; assert pipert2.__version__ == '2.4.0', pipert2.__version__"),
+    "dora": ("dora-rs 1.1", ["dora-rs==1.1.*", "dora-rs-cli==1.1.*", "numpy", "pyarrow"],
+             "import dora, numpy, pyarrow, shutil, sys, os; "
+             "assert os.path.exists(os.path.join(os.path.dirname(sys.executable), 'dora'))"),
+    "iceoryx2": ("iceoryx2 0.10", ["iceoryx2==0.10.*", "numpy"], "import iceoryx2, numpy"),
+}
+IMPLS = ["pipert"] + list(PEERS)
 LOG_DIR = os.path.join(HERE, "out")
 
-# (label, implementation, scenario, extra arguments, counts for targets)
-RUNS = [
-    ("small", "pipert2", "small", [], True),
-    ("frame", "pipert2", "frame", [], True),
-    ("fanout", "pipert2", "fanout", [], True),
-    ("small", "pipert", "small", [], True),
-    ("frame", "pipert", "frame", [], True),
-    ("fanout", "pipert", "fanout", [], True),
-    ("frame-filled", "pipert2", "frame", ["--fill", "full"], False),
-    ("frame-filled", "pipert", "frame", ["--fill", "full"], False),
-    ("fanout-filled", "pipert2", "fanout", ["--fill", "full"], False),
-    ("fanout-filled", "pipert", "fanout", ["--fill", "full"], False),
-    ("frame-own", "pipert", "frame", ["--fill", "full", "--frame-buffer", "own"], False),
-    ("frame-latest", "pipert", "frame", ["--policy", "latest", "--depth", "1"], False),
+# (label, implementation, scenario, extra arguments)
+RUNS = [(label, impl, label, []) for impl in IMPLS for label in ("small", "frame", "fanout")] + [
+    ("small-latest", "pipert", "small", ["--policy", "latest", "--depth", "1"]),
+    ("frame-filled", "pipert2", "frame", ["--fill", "full"]),
+    ("frame-filled", "pipert", "frame", ["--fill", "full"]),
+    ("fanout-filled", "pipert2", "fanout", ["--fill", "full"]),
+    ("fanout-filled", "pipert", "fanout", ["--fill", "full"]),
+    ("frame-own", "pipert", "frame", ["--frame-buffer", "own"]),
+    ("frame-latest", "pipert", "frame", ["--policy", "latest", "--depth", "1"]),
 ]
 INFO_TITLES = {
     "frame-filled": "frames the source fills with a full image first (one copyto per frame on both):",
     "fanout-filled": "the same, fanned out to 3 destinations (frames/s per destination):",
-    "frame-own": "pipert, frames filled into a plain array (copied on send, as PipeRT 2 does):",
+    "frame-own": "pipert, a frame returned as a plain array (one copy on send, none on receipt):",
     "frame-latest": "pipert, frames on a 'latest' wire of depth 1:",
 }
+
+
+def python_of(impl):
+    """The interpreter that runs ``impl``'s scenarios."""
+    return sys.executable if impl == "pipert" else os.path.join(VENVS, impl, "bin", "python")
 
 
 def log(text):
@@ -72,30 +83,30 @@ def log(text):
     sys.stderr.flush()
 
 
-def ensure_pipert2_venv():
-    """Create bench/.venv-pipert2 with PipeRT 2.4.0 if it is missing; True if usable."""
-    check = [PIPERT2_PYTHON, "-c",
-             "import pipert2, posix_ipc, numpy; assert pipert2.__version__ == '2.4.0', pipert2.__version__"]
-    if os.path.exists(PIPERT2_PYTHON) and subprocess.run(check, capture_output=True).returncode == 0:
+def ensure_venv(impl):
+    """Create .bench-venvs/<impl> with the peer's release if it is missing; True if usable."""
+    _, requirements, check = PEERS[impl]
+    venv, python = os.path.join(VENVS, impl), python_of(impl)
+    checked = [python, "-c", check]
+    if os.path.exists(python) and subprocess.run(checked, capture_output=True).returncode == 0:
         return True
-    log("creating %s with %s ..." % (os.path.relpath(PIPERT2_VENV, ROOT), PIPERT2_REQUIREMENT))
+    log("creating %s with %s ..." % (os.path.relpath(venv, ROOT), " ".join(requirements)))
     base = getattr(sys, "_base_executable", sys.executable)
     steps = [
-        [base, "-m", "venv", PIPERT2_VENV],
-        [PIPERT2_PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         PIPERT2_REQUIREMENT, "numpy"],
+        [base, "-m", "venv", "--clear", venv],
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"] + requirements,
     ]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             log("failed: %s\n%s" % (" ".join(step), done.stderr[-2000:]))
             return False
-    return subprocess.run(check, capture_output=True).returncode == 0
+    return subprocess.run(checked, capture_output=True).returncode == 0
 
 
 def run_scenario(impl, label, scenario, extra, args):
     """Run one scenario script; return (result dict or None, error text or None)."""
-    python = PIPERT2_PYTHON if impl == "pipert2" else sys.executable
+    python = python_of(impl)
     script = os.path.join(HERE, "%s_scenarios.py" % impl)
     command = [python, script, "--scenario", scenario] + extra
     if args.quick:
@@ -109,7 +120,7 @@ def run_scenario(impl, label, scenario, extra, args):
     os.makedirs(LOG_DIR, exist_ok=True)
     log_path = os.path.join(LOG_DIR, "%s-%s.log" % (impl, label))
     env = dict(os.environ)
-    if impl == "pipert2":
+    if impl != "pipert":
         env.pop("PYTHONPATH", None)
     try:
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
@@ -252,28 +263,30 @@ def _ratio(ours, theirs):
     return ours / theirs
 
 
-def report(results, copy_s, args):
+def report(results, copy_times, idle, args):
     """Print the table and the targets; return the list of PASS/MISS lines."""
-    ours = {label: figures(results.get(("pipert", label))) for label, impl, *_ in RUNS if impl == "pipert"}
-    base = {label: figures(results.get(("pipert2", label))) for label, impl, *_ in RUNS if impl == "pipert2"}
-    copy_fps = 1.0 / copy_s
+    table = {impl: {label: figures(results.get((impl, label))) for label, i, *_ in RUNS if i == impl}
+             for impl in IMPLS}
+    ours = table["pipert"]
+    copy_s, cycling_s = copy_times
+    copy_fps, cycling_fps = 1.0 / copy_s, 1.0 / cycling_s
 
-    def get(table, label, key):
-        return table.get(label, {}).get(key)
+    def get(impl, label, key):
+        return table[impl].get(label, {}).get(key)
 
-    def cost(table, suffix=""):
-        single, fan = get(table, "frame" + suffix, "rate"), get(table, "fanout" + suffix, "rate")
+    def cost(impl, suffix=""):
+        single, fan = get(impl, "frame" + suffix, "rate"), get(impl, "fanout" + suffix, "rate")
         return single / fan if single and fan else None
 
     rows = [
-        ("Small messages (dict), 1 -> 1", None, None, None, None),
+        ("Small messages (dict, pickled), 1 -> 1", None, None, None, None),
         ("  messages/s (delivered)", "small", "rate", "", "higher"),
         ("  latency p50, paced 1000/s", "small", "lat_p50", "us", "lower"),
         ("  latency p99, paced 1000/s", "small", "lat_p99", "us", "lower"),
         ("  latency p50 at full load", "small", "load_p50", "us", "info"),
         ("  latency p99 at full load", "small", "load_p99", "us", "info"),
         ("  lost at full load", "small", "loss_pct", "%", "info"),
-        ("1080p frames, 1 -> 1", None, None, None, None),
+        ("1080p frames (stamped in place), 1 -> 1", None, None, None, None),
         ("  frames/s (delivered)", "frame", "rate", "", "higher"),
         ("  latency p50, paced 30/s", "frame", "lat_p50", "us", "lower"),
         ("  latency p99, paced 30/s", "frame", "lat_p99", "us", "lower"),
@@ -284,73 +297,118 @@ def report(results, copy_s, args):
         ("  frames/s per destination (min)", "fanout", "rate", "", "higher"),
         ("  lost at full load", "fanout", "loss_pct", "%", "info"),
     ]
-    width = 36
+    width, col = 34, 11
+    peers = list(PEERS)
     print()
-    print("%-*s %14s %14s %10s" % (width, "", "pipert", "PipeRT 2.4.0", "ratio"))
-    print("-" * (width + 41))
+    print("%-*s %*s" % (width, "", col, "pipert") + "".join(" %*s" % (col, PEERS[p][0]) for p in peers)
+          + "   pipert / " + " / ".join(PEERS[p][0].split()[0] for p in peers))
+    print("-" * (width + (col + 1) * 4 + 34))
     for title, label, key, unit, better in rows:
         if label is None:
             print(title)
             continue
-        mine, theirs = get(ours, label, key), get(base, label, key)
-        ratio = _ratio(mine, theirs) if better != "info" else None
-        print("%-*s %14s %14s %10s" % (width, title, _fmt(mine, unit), _fmt(theirs, unit), _fmt(ratio, "x")))
+        mine = get("pipert", label, key)
+        line = "%-*s %*s" % (width, title, col, _fmt(mine, unit))
+        line += "".join(" %*s" % (col, _fmt(get(p, label, key), unit)) for p in peers)
+        if better != "info":
+            line += "   " + " ".join("%8s" % _fmt(_ratio(mine, get(p, label, key)), "x") for p in peers)
+        print(line)
+    print("Ratios are pipert / peer: above 1 is better for rates, below 1 for latencies.")
+    print("Rates are medians of %s runs; latencies are medians of the runs' percentiles." % (args.runs or common.FULL["runs"]))
+    print("pipert, dora-rs and iceoryx2 are lossless here (block wires / backpressure / RetryUntilDelivered);"
+          " PipeRT 2 uses its defaults (queues of 1, drop when full).")
+    print()
+    print("pipert's default wire ('latest', depth 1), small messages, consumer doing nothing else:")
+    latest = table["pipert"].get("small-latest", {})
+    print("%-*s %*s" % (width, "  messages/s (delivered)", col, _fmt(latest.get("rate"))))
+    print("%-*s %*s" % (width, "  latency p50 / p99, paced 1000/s", col + 10,
+                        "%s / %s" % (_fmt(latest.get("lat_p50"), "us"), _fmt(latest.get("lat_p99"), "us"))))
+    print("%-*s %*s" % (width, "  latency p50 at full load", col, _fmt(latest.get("load_p50"), "us")))
+    print("%-*s %*s" % (width, "  dropped at full load (by design)", col, _fmt(latest.get("loss_pct"), "%")))
     print("Fan-out cost (1->1 frames/s / 1->3)")
-    print("%-*s %14s %14s" % (width, "  stamped frames", _fmt(cost(ours), "x"), _fmt(cost(base), "x")))
-    print("%-*s %14s %14s" % (width, "  filled frames", _fmt(cost(ours, "-filled"), "x"),
-                              _fmt(cost(base, "-filled"), "x")))
-    print("  (stamped frames move so fast that 3 receiving processes saturate the 2 cores: the cost is\n"
-          "   then CPU time of the receivers, not the transport; filled frames show the transport's share)")
-    print("numpy.copyto of one 1080p frame: %.0f µs  ->  1/t = %s frames/s" % (copy_s * 1e6, _fmt(copy_fps)))
-    for title, label in (("  1->1 frames/s as share of 1/t", "frame"), ("  1->3 frames/s as share of 1/t", "fanout")):
-        mine, theirs = get(ours, label, "rate"), get(base, label, "rate")
-        print("%-*s %14s %14s" % (width, title, _fmt(100 * mine / copy_fps if mine else None, "%"),
-                                  _fmt(100 * theirs / copy_fps if theirs else None, "%")))
+    print("%-*s %*s %*s" % (width, "  stamped frames", col, _fmt(cost("pipert"), "x"), col, _fmt(cost("pipert2"), "x"))
+          + "".join(" %*s" % (col, _fmt(cost(p), "x")) for p in peers[1:]))
+    print("%-*s %*s %*s" % (width, "  filled frames", col, _fmt(cost("pipert", "-filled"), "x"), col,
+                            _fmt(cost("pipert2", "-filled"), "x")))
+    print("numpy.copyto of one 1080p frame: %.0f µs warm (the same buffers), %.0f µs cycling through 8 sources"
+          " and 12 targets  ->  1/t = %s or %s frames/s" % (copy_s * 1e6, cycling_s * 1e6, _fmt(copy_fps),
+                                                            _fmt(cycling_fps)))
     for label, title in INFO_TITLES.items():
-        extra, theirs = ours.get(label) or {}, base.get(label) or {}
+        extra, theirs = ours.get(label) or {}, table["pipert2"].get(label) or {}
         if not extra:
             continue
         print(title)
-        print("%-*s %14s %14s %10s" % (width, "  frames/s (delivered)", _fmt(extra.get("rate")),
-                                       _fmt(theirs.get("rate")) if theirs else "",
-                                       _fmt(_ratio(extra.get("rate"), theirs.get("rate")), "x") if theirs else ""))
-        print("%-*s %14s" % (width, "  latency p50 / p99, paced 30/s",
-                             "%s / %s" % (_fmt(extra.get("lat_p50"), "us"), _fmt(extra.get("lat_p99"), "us"))))
-        print("%-*s %14s" % (width, "  lost at full load", _fmt(extra.get("loss_pct"), "%")))
-    print("Ratios are pipert / PipeRT: above 1 is better for rates, below 1 for latencies.")
-    print("Rates are medians of %s runs. PipeRT 2 uses its defaults (queues of 1, drop when full);"
-          " pipert uses 'block' wires (lossless)." % (args.runs or common.FULL["runs"]))
-    print("Sources stamp every frame (counter and a sampled checksum) without redrawing it; the"
-          " 'filled' rows add one full copy per frame, bounded by 1/t.")
+        print("%-*s %*s %*s %10s" % (width, "  frames/s (delivered)", col, _fmt(extra.get("rate")), col,
+                                      _fmt(theirs.get("rate")) if theirs else "",
+                                      _fmt(_ratio(extra.get("rate"), theirs.get("rate")), "x") if theirs else ""))
+        if label == "frame-own":
+            print("%-*s %*s" % (width, "  as share of 1/t (cycling)", col,
+                                _fmt(100 * extra["rate"] / cycling_fps if extra.get("rate") else None, "%")))
+            print("%-*s %*s" % (width, "  as share of 1/t (warm)", col,
+                                _fmt(100 * extra["rate"] / copy_fps if extra.get("rate") else None, "%")))
+        print("%-*s %*s" % (width, "  latency p50 / p99, paced 30/s", col + 10,
+                            "%s / %s" % (_fmt(extra.get("lat_p50"), "us"), _fmt(extra.get("lat_p99"), "us"))))
+        print("%-*s %*s" % (width, "  lost at full load", col, _fmt(extra.get("loss_pct"), "%")))
+    if idle is not None:
+        print("Idle CPU, pipert pipeline of 4 flows paced at 30 fps (1080p frames): %.2f %% of one core" % idle)
 
-    small_ratio = _ratio(get(ours, "small", "rate"), get(base, "small", "rate"))
-    frame_ratio = _ratio(get(ours, "frame", "rate"), get(base, "frame", "rate"))
+    frames_gap = _ratio(get("pipert", "frame", "rate"), get("iceoryx2", "frame", "rate"))
     targets = [
-        ("small messages >= 15x PipeRT 2", small_ratio, lambda v: v >= 15, "x"),
-        ("small messages >= 100,000 msg/s", get(ours, "small", "rate"), lambda v: v >= 100000, ""),
-        ("1080p frames >= 20x PipeRT 2", frame_ratio, lambda v: v >= 20, "x"),
-        ("latency p50 small < 50 µs", get(ours, "small", "lat_p50"), lambda v: v < 50, "us"),
-        ("latency p50 frames < 0.5 ms", get(ours, "frame", "lat_p50"), lambda v: v < 500, "us"),
-        ("fan-out to 3 < 1.5x cost of 1 (filled)", cost(ours, "-filled"), lambda v: v < 1.5, "x"),
+        ("default wire >= 100,000 small msg/s", latest.get("rate"), lambda v: v >= 100000, ""),
+        ("small msgs/s >= iceoryx2", _ratio(get("pipert", "small", "rate"), get("iceoryx2", "small", "rate")),
+         lambda v: v >= 1, "x"),
+        ("paced small p50 <= iceoryx2", _ratio(get("pipert", "small", "lat_p50"), get("iceoryx2", "small", "lat_p50")),
+         lambda v: v <= 1, "x"),
+        ("paced small p99 <= iceoryx2", _ratio(get("pipert", "small", "lat_p99"), get("iceoryx2", "small", "lat_p99")),
+         lambda v: v <= 1, "x"),
+        ("paced frames p50 <= iceoryx2", _ratio(get("pipert", "frame", "lat_p50"), get("iceoryx2", "frame", "lat_p50")),
+         lambda v: v <= 1, "x"),
+        ("paced frames p99 <= iceoryx2", _ratio(get("pipert", "frame", "lat_p99"), get("iceoryx2", "frame", "lat_p99")),
+         lambda v: v <= 1, "x"),
+        ("paced frames p50 <= 200 µs", get("pipert", "frame", "lat_p50"), lambda v: v <= 200, "us"),
+        ("paced frames p99 <= 400 µs", get("pipert", "frame", "lat_p99"), lambda v: v <= 400, "us"),
+        ("stamped frames >= 50,000/s", get("pipert", "frame", "rate"), lambda v: v >= 50000, ""),
+        ("plain-array frames >= 90 % of 1/t (cycling)", 100 * get("pipert", "frame-own", "rate") / cycling_fps
+         if get("pipert", "frame-own", "rate") else None, lambda v: v >= 90, "%"),
+        ("idle 4-flow pipeline < 1 % of a core", idle, lambda v: v < 1, "%"),
     ]
+    for label, key, unit, better in (("small", "rate", "", "higher"), ("small", "lat_p50", "us", "lower"),
+                                     ("small", "lat_p99", "us", "lower"), ("frame", "rate", "", "higher"),
+                                     ("frame", "lat_p50", "us", "lower"), ("frame", "lat_p99", "us", "lower"),
+                                     ("fanout", "rate", "", "higher")):
+        ratio = _ratio(get("pipert", label, key), get("dora", label, key))
+        targets.append(("ahead of dora-rs: %s %s" % (label, key), ratio,
+                        (lambda v: v > 1) if better == "higher" else (lambda v: v < 1), "x"))
     print()
     print("Targets")
     lines = []
     for title, value, ok, unit in targets:
         verdict = "—" if value is None else ("PASS" if ok(value) else "MISS")
-        line = "  %-4s  %-34s %s" % (verdict, title, _fmt(value, unit))
+        line = "  %-4s  %-38s %s" % (verdict, title, _fmt(value, unit))
         lines.append(line)
         print(line)
+    print("  frames/s gap to iceoryx2 (pipert / iceoryx2): %s" % _fmt(frames_gap, "x"))
     return lines
 
 
+def measure_idle_cpu(args):
+    """% of one core used by a paced 30 fps pipeline of 4 flows (bench/idle_cpu.py), or None."""
+    command = [sys.executable, os.path.join(HERE, "idle_cpu.py")] + (["--seconds", "3"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=180)
+    for line in done.stdout.splitlines():
+        if line.startswith("IDLE_CPU "):
+            return float(line.split()[1])
+    log("idle CPU measurement failed:\n%s" % done.stderr[-2000:])
+    return None
+
+
 def main():
-    parser = argparse.ArgumentParser(description="pipert vs PipeRT 2.4.0 benchmark")
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~1 min)")
+    parser = argparse.ArgumentParser(description="pipert vs PipeRT 2.4.0, dora-rs and iceoryx2 benchmark")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (~3 min)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per scenario")
     parser.add_argument("--run", type=float, help="seconds per measured run")
     parser.add_argument("--runs", type=int, help="measured runs per scenario")
-    parser.add_argument("--only", choices=("pipert", "pipert2"), help="run one implementation")
+    parser.add_argument("--only", choices=IMPLS, action="append", help="run these implementations only")
     parser.add_argument("--json", help="also write every raw result to this file")
     args = parser.parse_args()
 
@@ -362,22 +420,21 @@ def main():
     sys.stdout.flush()
 
     failures, warnings, results = [], [], {}
-    have_pipert2 = args.only == "pipert" or ensure_pipert2_venv()
-    if not have_pipert2:
-        failures.append("PipeRT 2.4.0 venv could not be set up")
-    copy_s = common.measure_copyto()
+    wanted = args.only or IMPLS
+    usable = {"pipert"} | {impl for impl in PEERS if impl in wanted and ensure_venv(impl)}
+    failures += ["%s venv could not be set up" % PEERS[impl][0] for impl in PEERS if impl in wanted and impl not in usable]
+    copy_times = common.measure_copyto()
+    idle = measure_idle_cpu(args) if "pipert" in wanted else None
 
-    for label, impl, scenario, extra, _ in RUNS:
-        if args.only and impl != args.only:
-            continue
-        if impl == "pipert2" and not have_pipert2:
+    for label, impl, scenario, extra in RUNS:
+        if impl not in wanted or impl not in usable:
             continue
         start, busy, ours = time.perf_counter(), _cpu_busy_s(), _children_cpu_s()
-        log("running %-7s %-12s ..." % (impl, label))
+        log("running %-8s %-13s ..." % (impl, label))
         result, error = run_scenario(impl, label, scenario, extra, args)
         wall = time.perf_counter() - start
         other = (_cpu_busy_s() - busy) - (_children_cpu_s() - ours)
-        log("          %-7s %-12s %.0f s" % (impl, label, wall))
+        log("          %-8s %-13s %.0f s" % (impl, label, wall))
         if other / wall > 0.25:
             warnings.append("%s %s: other processes used %.0f %% of a core meanwhile: figures are noisy"
                             % (impl, label, 100 * other / wall))
@@ -392,13 +449,12 @@ def main():
             warnings += ["%s %s integrity (baseline): %s" % (impl, label, p) for p in problems]
         shutdown = result["driver"].get("shutdown")
         if shutdown != "clean":
-            warnings.append("%s %s: shutdown %s (join took %.1f s)" % (impl, label, shutdown,
-                                                                       result["driver"]["join_s"]))
+            warnings.append("%s %s: shutdown %s" % (impl, label, shutdown))
         if result.get("shm_leftovers"):
             warnings.append("%s %s: %d /dev/shm objects left after join, e.g. %s"
                             % (impl, label, len(result["shm_leftovers"]), result["shm_leftovers"][:3]))
 
-    report(results, copy_s, args)
+    report(results, copy_times, idle, args)
     if load_start > 0.5:
         warnings.append("load average was %.2f before the bench started: figures may be noisy" % load_start)
     if warnings:
@@ -413,7 +469,7 @@ def main():
             print("  " + text)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"machine": info, "copyto_s": copy_s,
+            json.dump({"machine": info, "copyto_s": copy_times, "idle_cpu_pct": idle,
                        "results": {"%s/%s" % key: value for key, value in results.items()}}, handle, indent=1)
     sys.exit(1 if failures else 0)
 

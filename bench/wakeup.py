@@ -52,10 +52,10 @@ def bare_semaphore(count: int, interval: float) -> list:
 
 
 def transport(count: int, interval: float) -> dict:
-    ring = ShmRing.create(PIPE_ID, "w", 1 << 20, 256, "block")
+    ring = ShmRing.create(PIPE_ID, "w", 1 << 20, 256)
     bell = shm.create_semaphore(shm.name(PIPE_ID, os.getpid(), "bell"), 0)
     sender = WireSender("probe", True, [], [RemoteTarget(ring, bell, 0, None)], None)
-    reader = RingReader(ring, None, 0, "block")
+    reader = RingReader(ring, None, 0)
     board = mmap.mmap(-1, 4096)
     never = lambda: False  # noqa: E731
     sent, awake, decoded = [], [], []

@@ -44,7 +44,7 @@ import os
 import time
 from typing import Any, Optional
 
-from pipert import PIPE_INFRASTRUCTURE, Pipe, Wire, get_socket_logger
+from pipert import PIPE_INFRASTRUCTURE, FrameFilter, Pipe, Wire, get_socket_logger
 from pipert.routines.annotate import Annotate
 from pipert.routines.jsonl_writer import JsonlWriter
 from pipert.routines.mog2_detector import Mog2Detector
@@ -111,6 +111,7 @@ def demo_logger() -> logging.Logger:
     for handler in console:
         handler.setLevel(logging.INFO)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(FrameFilter())  # frames go to the cockpit and the dashboard, not the terminal
     return logger
 
 

@@ -11,6 +11,9 @@ fine; the cockpit often sends none, sometimes with Content-Type json)::
     /routines/<routine>/params                       set parameters: the body is {name: value, ...}
     /recording/start  /recording/stop  /recording    record wires to MCAP (extra_args {"path", "wires"}),
                                                      stop it, its status
+    /  /dashboard/<file>  /dashboard/stream          the web dashboard, its files, its live stream
+    /metrics                                         Prometheus metrics (text format)
+    /healthz  /readyz                                health probes (no token needed)
 
 ``extra_args`` are the parameters of the event's handlers (start and pause
 pass them too; kill, structure and status take none;
@@ -24,7 +27,8 @@ token (401), an unknown route or routine (404) or method (405).
 Every request first passes ``pipert.security``: a ``Host`` or a browser page's
 origin that is not allowed gets 403 (the cockpit's origin is allowed by
 default, and gets CORS headers naming it), a body over 1 MiB 413, a client too
-slow to send its request 408. Preflight requests need no token.
+slow to send its request 408. Preflight requests need no token. ``/readyz`` answers
+200 ``{"ready": true, "reasons": []}`` or 503 with the reasons the pipeline is not ready.
 
 The server is gevent's WSGI server on its own thread and hub; blocking waits
 run on that hub's thread pool, so a slow event handler never delays other
@@ -45,7 +49,10 @@ from gevent.pywsgi import LoggingLogAdapter
 
 from . import security
 from .control import Control, ControlError
+from .dashboard import Dashboard, Reply
 from .events import KILL_EVENT_NAME, START_EVENT_NAME, STOP_EVENT_NAME
+from .health import readiness
+from .metrics import exposition
 from .pipe import Pipe
 
 _STOP_TIMEOUT = 3.0  # seconds requests under way get to finish when the server stops
@@ -54,8 +61,7 @@ _log = logging.getLogger(__name__)
 
 
 def _route(pattern: str) -> "re.Pattern[str]":
-    return re.compile(pattern.replace("<routine>", "(?P<routine>[^/]+)").replace("<event>", "(?P<event>[^/]+)")
-                      + "/?")
+    return re.compile(re.sub(r"<(\w+)>", r"(?P<\1>[^/]+)", pattern) + "/?")
 
 
 _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
@@ -70,10 +76,19 @@ _ROUTES: List[Tuple["re.Pattern[str]", str]] = [
     (_route("/recording/start"), "start_recording"),
     (_route("/recording/stop"), "stop_recording"),
     (_route("/recording"), "recording"),
+    (_route(""), "page"),
+    (_route("/dashboard/stream"), "stream"),
+    (_route("/dashboard/<asset>"), "asset"),
+    (_route("/metrics"), "metrics"),
+    (_route("/healthz"), "healthz"),
+    (_route("/readyz"), "readyz"),
 ]
 _ROUTE_LIST = "/start, /pause, /kill, /pipe/structure, /status, /routines/<routine>/events/<event>/execute, " \
               "/routines/events/<event>/execute, /routines/<routine>/params, /recording/start, /recording/stop, " \
-              "/recording"
+              "/recording, / (the dashboard), /dashboard/stream, /metrics, /healthz, /readyz"
+# served without the token: the dashboard's page and files (code without data), and the health probes
+# (a probe carries no token)
+_PUBLIC = ("page", "asset", "healthz", "readyz")
 
 
 def _request_token(environ: Dict[str, Any]) -> Optional[str]:
@@ -159,6 +174,7 @@ class APIWrapper:
         self.host = host
         self.port = port
         self.control = Control(pipe, token, ack_timeout)
+        self.dashboard = Dashboard(self.control)
         self.policy = security.AccessPolicy(host, token, allowed_origins, allowed_hosts)
         self.insecure = insecure
         self.limits = limits
@@ -203,6 +219,7 @@ class APIWrapper:
         try:
             self.control.wait_ended()
         finally:
+            self.dashboard.close()
             server.stop_when_answered(_STOP_TIMEOUT)
 
     # ----- the WSGI application -----
@@ -214,12 +231,16 @@ class APIWrapper:
             if method == "OPTIONS":  # a browser's CORS preflight (security adds its headers): no credentials
                 self._find(path)
                 return self._respond(start_response, 204, None, [("Allow", "GET, POST, OPTIONS")])
-            self.control.authorize(_request_token(environ), _TOKEN_HELP)
+            if self._route_name(path) not in _PUBLIC:
+                self.control.authorize(_request_token(environ), _TOKEN_HELP)
             handler, match = self._find(path)
             if method not in ("GET", "POST"):
                 raise ControlError(f"{path} answers GET and POST, not {method}", 405)
             body = _json_body(environ, "a JSON object") if handler == self._set_params else _extra_args(environ)
-            return self._respond(start_response, 200, handler(body, **match))
+            result = handler(body, **match)
+            if isinstance(result, Reply):
+                return result.send(environ, start_response)
+            return self._respond(start_response, 200, result)
         except ControlError as exc:
             _log.warning("refused HTTP %s %s: %s", method, path, exc)
             headers = [("Allow", "GET, POST, OPTIONS")] if exc.status == 405 else []
@@ -231,7 +252,11 @@ class APIWrapper:
             return self._respond(start_response, 500, {"error": f"{method} {path} failed inside the daemon: "
                                                                 "see its log"})
 
-    def _find(self, path: str) -> Tuple[Callable[..., Dict[str, Any]], Dict[str, str]]:
+    @staticmethod
+    def _route_name(path: str) -> Optional[str]:
+        return next((name for pattern, name in _ROUTES if pattern.fullmatch(path)), None)
+
+    def _find(self, path: str) -> Tuple[Callable[..., Any], Dict[str, str]]:
         for pattern, name in _ROUTES:
             match = pattern.fullmatch(path)
             if match:
@@ -271,11 +296,26 @@ class APIWrapper:
             return self._kill(extra_args)
         return self.control.send(event, None, extra_args)
 
+    def _metrics(self, extra_args: Dict[str, Any]) -> Reply:
+        self._no_arguments("/metrics", extra_args)
+        body, content_type = exposition(self.control.pipe)
+        return Reply(content_type, lambda environ: [body], [("Content-Length", str(len(body)))])
+
+    def _healthz(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
+        return {"status": "serving", "pipe": self.control.pipe.id}
+
+    def _readyz(self, extra_args: Dict[str, Any]) -> Reply:
+        reasons = readiness(self.control.pipe)
+        body = json.dumps({"ready": not reasons, "reasons": reasons}).encode("utf-8")
+        return Reply("application/json", lambda environ: [body], [("Content-Length", str(len(body)))],
+                     status=503 if reasons else 200)
+
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)
 
     def _set_params(self, values: Any, routine: str) -> Dict[str, Any]:
         return self.control.set_params(routine, {} if values is None else values)
+
     def _start_recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
         return self.control.start_recording(extra_args)
 
@@ -286,3 +326,13 @@ class APIWrapper:
     def _recording(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
         self._no_arguments("/recording", extra_args)
         return self.control.recording()
+
+    def _page(self, extra_args: Dict[str, Any]) -> Reply:
+        return self.dashboard.asset("index.html")
+
+    def _asset(self, extra_args: Dict[str, Any], asset: str) -> Reply:
+        return self.dashboard.asset(asset)
+
+    def _stream(self, extra_args: Dict[str, Any]) -> Reply:
+        self._no_arguments("/dashboard/stream", extra_args)
+        return self.dashboard.stream()

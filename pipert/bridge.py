@@ -25,11 +25,11 @@ import struct
 import threading
 import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import posix_ipc
 
-from .transport import Doorbell, Pool, RingReader, ShmRing, assemble, split
+from .transport import Doorbell, Pool, assemble, split
 from .wire import BLOCK
 
 _log = logging.getLogger(__name__)
@@ -91,18 +91,16 @@ def _receive(sock: socket.socket, view: memoryview) -> None:
 class _BridgeOut(threading.Thread):
     """Reads one ring on the producer's host and streams its records to the consumer's host."""
 
-    def __init__(self, hub: "Hub", key: str, consumer: str, ring: ShmRing, pool: Pool, receiver: int,
-                 bell: Doorbell, policy: str) -> None:
+    def __init__(self, hub: "Hub", key: str, consumer: str, ring: Any, pool: Pool, receiver: int,
+                 bell: Doorbell) -> None:
         super().__init__(name=f"pipert-bridge-out-{key}", daemon=True)
         self._hub = hub
         self.key = key
         self.consumer = consumer  # the flow process at the other end
         self.ring = ring
-        self._reader = RingReader(ring, pool, receiver, policy)
         self._pool = pool
         self._receiver = receiver
         self._bell = bell
-        self._everything = policy == BLOCK
         self._conn: Optional[socket.socket] = None
 
     def _connection(self) -> Optional[socket.socket]:
@@ -122,7 +120,7 @@ class _BridgeOut(threading.Thread):
             if conn is None:  # the consumer's host is not (yet, or no longer) there: hold on
                 self._hub.closed_event.wait(_RETRY)
                 continue
-            records = self.ring.get(self._everything)
+            records = self.ring.get(self._release)
             if not records:
                 try:
                     self._bell.acquire(_RETRY)
@@ -140,26 +138,30 @@ class _BridgeOut(threading.Thread):
 
     def _send(self, conn: socket.socket, records: List[bytes]) -> None:
         """One batch: its size, every record's header and body, then each large buffer."""
-        head, buffers = [], []
+        head, buffers, uses = [], [], []
         for record in records:
             pid, refs, body, stamp, meta = split(record)
             try:
-                views = [self._pool.view(pid, *ref, self._receiver) for ref in refs]
+                views = [self._pool.view(pid, slot, gen, offset, size) for slot, gen, _, offset, size in refs]
             except posix_ipc.ExistentialError:  # its producer died and its slots are gone
-                self._pool.release_record(record, self._receiver)
+                self._release(record)
                 continue
             stream, seq = meta or (0, 0)
             head.append(_ENTRY.pack(len(body), stamp, stream, seq, len(views)))
             head.extend(_SIZE.pack(view.nbytes) for view in views)
             head.append(body)
             buffers.extend(views)
+            uses.append(record)
         if head:
             batch = b"".join(head)
             conn.sendall(_SIZE.pack(len(batch)) + batch)
             for view in buffers:
                 conn.sendall(view)
+        del buffers
+        for record in uses:  # sent: the slots are free for this receiver
+            self._release(record)
 
-    def on_drop(self, record: bytes) -> None:
+    def _release(self, record: bytes) -> None:
         self._pool.release_record(record, self._receiver)
 
     def close(self) -> None:
@@ -174,7 +176,7 @@ class _BridgeOut(threading.Thread):
 class _BridgeIn(threading.Thread):
     """Receives one bridge stream into the consumer's ring and a pool of this host's own."""
 
-    def __init__(self, hub: "Hub", key: str, conn: socket.socket, ring: ShmRing, pool: Pool, bell: Doorbell,
+    def __init__(self, hub: "Hub", key: str, conn: socket.socket, ring: Any, pool: Pool, bell: Doorbell,
                  policy: str) -> None:
         super().__init__(name=f"pipert-bridge-in-{key}", daemon=True)
         self._hub = hub
@@ -226,19 +228,18 @@ class _BridgeIn(threading.Thread):
                     self._scratch = bytearray(size)
                 _receive(self._conn, memoryview(self._scratch)[:size])
             else:
-                _receive(self._conn, slot)
+                _receive(self._conn, memoryview(slot))
             slots.append(slot)
         if any(slot is None for slot in slots):
             self._ring.count_drop()
             return
-        for slot in slots:
-            refs.append(self._pool.store(slot, self._block, self._stop))
-        del slots
+        for slot in slots:  # a view of the allocated array is stored in place, with no copy
+            refs.append(self._pool.store(slot[:], self._block, self._stop))
         self._ring.put(assemble(body, refs, stamp, meta), self._on_drop, self._stop)
         self._bell.release()
 
     def _on_drop(self, record: bytes) -> None:
-        self._pool.release_record(record, 0)
+        self._pool.reclaim(record, 0)
 
 
 class Hub:
@@ -254,21 +255,20 @@ class Hub:
         self._on_agent = on_agent
         self._listener = socket.create_server((host_ip, 0))
         self.address: Tuple[str, int] = self._listener.getsockname()[:2]
-        self._incoming: Dict[str, Tuple[ShmRing, Pool, Doorbell, str]] = {}
+        self._incoming: Dict[str, Tuple[Any, Pool, Doorbell, str]] = {}
         self._outgoing: List[_BridgeOut] = []
         self._inbound: List[_BridgeIn] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept, name="pipert-hub", daemon=True)
         self._thread.start()
 
-    def expect(self, key: str, ring: ShmRing, pool: Pool, bell: Doorbell, policy: str) -> None:
+    def expect(self, key: str, ring: Any, pool: Pool, bell: Doorbell, policy: str) -> None:
         """Deliver the bridge stream ``key`` (when it connects, again after a reconnect) into ``ring``."""
         self._incoming[key] = (ring, pool, bell, policy)
 
-    def send(self, key: str, consumer: str, ring: ShmRing, pool: Pool, receiver: int, bell: Doorbell,
-             policy: str) -> None:
+    def send(self, key: str, consumer: str, ring: Any, pool: Pool, receiver: int, bell: Doorbell) -> None:
         """Stream ``ring`` (read as ``receiver`` of ``pool``) to the host of flow process ``consumer``."""
-        self._outgoing.append(_BridgeOut(self, key, consumer, ring, pool, receiver, bell, policy))
+        self._outgoing.append(_BridgeOut(self, key, consumer, ring, pool, receiver, bell))
 
     def start(self, addresses: Dict[str, Optional[Tuple[str, int]]]) -> None:
         """Learn where the host of each flow process listens and start the bridges out that wait.
@@ -282,7 +282,7 @@ class Hub:
                 self.addresses[consumer] = tuple(address)
             for bridge in self._outgoing:
                 if bridge.consumer == consumer and address is None:
-                    bridge.ring.recover(False, bridge.on_drop, True)
+                    bridge.ring.recover(True)
                 elif bridge.consumer == consumer:
                     bridge.ring.consumer_back()
         for bridge in self._outgoing:

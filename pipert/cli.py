@@ -20,6 +20,9 @@ prints their addresses, then ``pipert: ready``.
 checks pipeline files without running them and ``pipert graph TARGET`` prints a
 pipeline as a Mermaid flowchart.
 
+``pipert top [ADDRESS]`` shows a running daemon's routines, wires and flows in the
+terminal, refreshed in place, like the dashboard that ``--api`` serves at ``/``.
+
 ``pipert zerorpc ARGS...`` is the zerorpc CLI (zerorpc 0.6.3's own, which
 crashes on Python 3.10+ at ``collections.Iterator``), with ``--token`` (or
 ``PIPERT_TOKEN``) for daemons that require one.
@@ -57,6 +60,7 @@ from .pipeline_file import check_pipeline, is_pipeline_file, load_pipeline
 from .routine import kind_of
 from .rpc import RPCPipeWrapper, SendToken
 from .signals import heeded, received, signal_pipe
+from .top import run_top
 
 RPC_VARIABLE, API_VARIABLE, TOKEN_VARIABLE = "PIPERT_RPC_ENDPOINT", "PIPERT_API_ADDRESS", "PIPERT_TOKEN"
 DEFAULT_RPC, DEFAULT_API = "tcp://127.0.0.1:4242", "127.0.0.1:4000"
@@ -549,7 +553,27 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("file", metavar="FILE")
     replay.add_argument("--topic", action="append", metavar="TOPIC", help="only this topic (repeatable)")
     replay.add_argument("--limit", type=int, metavar="N", help="stop after N messages")
+    top = commands.add_parser("top", help="the routine, wire and flow tables of a running daemon, refreshed in "
+                                          "place (q quits)")
+    top.add_argument("address", nargs="?", metavar="ADDRESS",
+                     help=f"the daemon's HTTP API: HOST:PORT, PORT or http://HOST:PORT; default ${API_VARIABLE}, "
+                          f"else {DEFAULT_API}")
+    top.add_argument("--token", metavar="TOKEN", help=f"the daemon's token; default ${TOKEN_VARIABLE}")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
+    top.add_argument("--once", action="store_true", help="print the tables once and exit (also when the output "
+                                                         "is not a terminal)")
     return parser
+
+
+def top_main(args: argparse.Namespace) -> int:
+    """``pipert top``: see ``pipert.top``."""
+    address = _setting(args.address, API_VARIABLE) or DEFAULT_API
+    if "://" not in address:
+        host, port = api_address(address)
+        address = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if args.interval <= 0:
+        raise UsageError(f"--interval {args.interval} must be a positive number of seconds")
+    return run_top(address, _setting(args.token, TOKEN_VARIABLE), args.interval, args.once or not sys.stdout.isatty())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -562,6 +586,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = _parser().parse_args(argv)
         if args.command in ("plugins", "check", "graph"):
             return _offline_command(args)
+        if args.command == "top":
+            return top_main(args)
         if args.command in ("record", "replay"):
             try:
                 if args.command == "record":

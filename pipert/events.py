@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List, TypeVar
+from typing import Any, Callable, Dict, List, TypeVar
 
 START_EVENT_NAME = "start"
 STOP_EVENT_NAME = "stop"
@@ -69,3 +69,31 @@ def check_params(handler: Callable, event: str, target: str, params: dict) -> No
             f"event '{event}' for routine '{target}': parameters {sorted(params)} do not fit "
             f"{handler.__name__}({wanted}): {exc}"
         ) from None
+
+
+_FORM_TYPES = {kind: kind.__name__ for kind in (bool, int, float, str)}
+
+
+def describe_handlers(obj: object) -> Dict[str, List[Dict[str, Any]]]:
+    """The keyword parameters of ``obj``'s handlers, by event: ``name``, ``required``, ``default`` (when
+    there is one; JSON-able, else its repr) and ``type`` (when annotated bool, int, float or str):
+    what a form that sends the event needs."""
+    described: Dict[str, List[Dict[str, Any]]] = {}
+    for event, handlers in handlers_of(obj).items():
+        params = described.setdefault(event, [])
+        for handler in handlers:
+            for parameter in inspect.signature(handler).parameters.values():
+                if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or \
+                        any(p["name"] == parameter.name for p in params):
+                    continue
+                entry: Dict[str, Any] = {"name": parameter.name, "required": parameter.default is parameter.empty}
+                if not entry["required"]:
+                    default = parameter.default
+                    entry["default"] = default if isinstance(default, (bool, int, float, str, type(None))) \
+                        else repr(default)
+                kind = parameter.annotation
+                kind = _FORM_TYPES.get(kind, kind if kind in _FORM_TYPES.values() else None)
+                if kind is not None:
+                    entry["type"] = kind
+                params.append(entry)
+    return described

@@ -110,6 +110,7 @@ class _Runner:
         self.events: collections.deque = collections.deque()
         self.state = IDLE
         self.error: Optional[str] = None
+        self.errors = 0  # exceptions in the routine's code, and sends that failed
         self.killing = False
         self.setup_done = False
         self.messages_in = 0
@@ -145,6 +146,7 @@ class _Runner:
             self.routine.logger.exception("routine '%s' stopped on an internal error", self.routine.name)
             self.state = CRASHED
             self.error = f"internal: {exc!r}"
+            self.errors += 1
             self.flow.failed = True
 
     def _run(self) -> None:
@@ -185,6 +187,7 @@ class _Runner:
                     self._show("output", data)
                 if self.plan.senders:
                     self._send(data)
+            message = data = None  # so the transport sees the arrays are gone before it waits again
 
     def _pace(self) -> None:
         """Wait until the routine's rate cap (const FPS or auto pacing) lets the next call start."""
@@ -217,6 +220,7 @@ class _Runner:
             self.routine.logger.exception("main_logic of routine '%s' failed; going on with the next input",
                                           self.routine.name)
             self.error = f"main_logic: {exc!r}"
+            self.errors += 1
             return None
         finally:
             self.ended_at = time.perf_counter()
@@ -231,6 +235,7 @@ class _Runner:
         except TransportError as exc:
             self.routine.logger.error("%s", exc)
             self.error = str(exc)
+            self.errors += 1
             return
         self.messages_out += 1
         tap = self.tap
@@ -249,6 +254,7 @@ class _Runner:
                                               "next start", self.routine.name)
                 self.state = CRASHED
                 self.error = error = f"setup: {exc!r}"
+                self.errors += 1
         if event.name == START_EVENT_NAME and self.setup_done:
             self.state = RUNNING
         elif event.name == STOP_EVENT_NAME and self.state == RUNNING:
@@ -266,6 +272,7 @@ class _Runner:
                 self.routine.logger.exception("handler %s of event '%s' failed in routine '%s'",
                                               handler.__name__, event.name, self.routine.name)
                 error = f"{handler.__name__}: {exc!r}"
+                self.errors += 1
         if event.name == KILL_EVENT_NAME:
             self._cleanup()
         self.flow.ack(event.id, self.routine.name, error, self.counters())
@@ -294,6 +301,7 @@ class _Runner:
                 self.routine.cleanup()
             except Exception:
                 self.routine.logger.exception("cleanup of routine '%s' failed", self.routine.name)
+                self.errors += 1
 
     def timings(self) -> Dict[str, Any]:
         """Fold the latest measurements (from the flow's main thread): the histograms of message ages
@@ -310,7 +318,7 @@ class _Runner:
         durations = list(self.durations.last)
         median = statistics.median(durations) if durations else 0.0
         return {"state": self.state, "error": self.error, "condition": self.routine._condition,
-                "messages_in": self.messages_in,
+                "messages_in": self.messages_in, "errors": self.errors,
                 "messages_out": self.messages_out, "calls": self.calls, "log_data": self.log_data,
                 "params": plain(self.routine.params),
                 "capacity": round(1.0 / median, 2) if median > 0 else None,

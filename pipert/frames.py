@@ -11,8 +11,9 @@ comes from ``cv2``.
 from __future__ import annotations
 
 import base64
+import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import cv2
 import numpy as np
@@ -126,6 +127,25 @@ def frame_log_message(direction: str, b64: str) -> str:
     if direction not in FRAME_DIRECTIONS:
         raise ValueError(f"frame direction must be 'input' or 'output', got {direction!r}.")
     return f"{direction}: , 'data': {{'image_base64': '{b64}'}}"
+
+
+def parse_frame_message(message: str) -> Tuple[str, str] | None:
+    """``(direction, b64)`` of a message made by :func:`frame_log_message`, else ``None``:
+    how the daemon tells frames from ordinary log records."""
+    for direction in FRAME_DIRECTIONS:
+        prefix = f"{direction}: , 'data': {{'image_base64': '"
+        if message.startswith(prefix) and message.endswith("'}"):
+            return direction, message[len(prefix):-2]
+    return None
+
+
+class FrameFilter(logging.Filter):
+    """Keeps frame records (tens of kilobytes of base64 each) out of text logs such as a terminal's;
+    the cockpit's and the dashboard's handlers still get them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) and not record.args else record.getMessage()
+        return parse_frame_message(message) is None
 
 
 class FrameSampler:

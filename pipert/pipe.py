@@ -18,20 +18,23 @@ import socket
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import shm
 from .bridge import Hub
 from .errors import BuildError, EventError, RecordError
 from .events import (BUILTIN_EVENTS, KILL_EVENT_NAME, LOG_DATA_EVENT_NAME, PARAMS_EVENT_NAME, RUNTIME_EVENTS,
-                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, handlers_of)
+                     START_EVENT_NAME, STOP_EVENT_NAME, check_params, describe_handlers, handlers_of)
 from .flow import IDLE, RUNNING, Flow, RoutinePlan, channel_key, run_flow
+from .frames import FrameFilter
+from .metrics import COUNTERS, HISTOGRAMS, EventStats, Totals
 from .params import ParamError, convert_params, declared_params, plain, raise_problems, resolve_params
 from .recorder import Recording
 from .replicas import OrderedMerge, ReplicaChooser, instance_names, replica_name
 from .routine import DestinationRoutine, Routine, SourceRoutine
 from .signals import STOP_SIGNALS, heeded
-from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, ShmRing, WireSender
+from .socket_logger import CockpitHandler
+from .transport import Inbox, LocalChannel, Pool, RemoteTarget, RingReader, WireSender, create_ring
 from .wire import BLOCK, LATEST, POLICIES, Wire
 from .zygote import Zygote
 
@@ -46,6 +49,7 @@ def _default_logger() -> logging.Logger:
     if not logger.hasHandlers():
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(FrameFilter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     return logger
@@ -54,7 +58,8 @@ def _default_logger() -> logging.Logger:
 class EventResult:
     """The acknowledgements of one event, filled in as its routines report back."""
 
-    def __init__(self, event: str, routines: List[str]) -> None:
+    def __init__(self, event: str, routines: List[str],
+                 observe: Optional[Callable[[str, str, Optional[str], float], None]] = None) -> None:
         self.event = event
         self.routines = list(routines)
         self.handled_by: List[str] = []
@@ -62,6 +67,8 @@ class EventResult:
         self._pending = set(routines)
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._observe = observe  # called with (event, routine, error, seconds since sent) at each ack
+        self._sent = time.monotonic()
         if not self._pending:
             self._done.set()
 
@@ -70,6 +77,8 @@ class EventResult:
             if routine not in self._pending:
                 return
             self._pending.discard(routine)
+            if self._observe is not None:
+                self._observe(self.event, routine, error, time.monotonic() - self._sent)
             if error is None:
                 self.handled_by.append(routine)
             else:
@@ -118,6 +127,7 @@ class _FlowState:
         self.restarts = 0
         self.routines: Dict[str, Dict[str, Any]] = {}
         self.channels: Dict[str, Tuple[int, int]] = {}
+        self.totals = Totals()  # counts of the flow's earlier processes
 
 
 class Pipe:
@@ -182,6 +192,7 @@ class Pipe:
         self._flow_of: Dict[str, str] = {}
         self._remote: List[_RemoteWire] = []
         self._wanted: Dict[str, str] = {}
+        self._event_stats = EventStats()
         self._local: List[Tuple[str, str, str, str]] = []
         self._states: Dict[str, _FlowState] = {}
         self._results: Dict[int, EventResult] = {}
@@ -408,21 +419,21 @@ class Pipe:
                         there = self._is_here(target_instance)
                         if not here and not there:
                             continue
-                        ring = ShmRing.create(self.id, tag, self._ring_capacity, wire.depth, wire.policy)
+                        ring = create_ring(self.id, tag, self._ring_capacity, wire.depth, wire.policy)
                         if here and not there:  # to another node: a bridge reads the ring
                             bell = shm.create_semaphore(shm.name(self.id, pid, f"bridge{tag}"), 0)
                             self._bridge_bells.append(bell)
                             target = RemoteTarget(ring, bell, receiver - 1, pool)
-                            self._hub.send(tag, target_instance, ring, pool, receiver - 1, bell, wire.policy)
+                            self._hub.send(tag, target_instance, ring, pool, receiver - 1, bell)
                         else:
                             plan = plans[target_instance][destination.name]
                             if here:
                                 target = RemoteTarget(ring, plan.inbox.bell, receiver - 1, pool)
-                                reader = RingReader(ring, pool, receiver - 1, wire.policy)
+                                reader = RingReader(ring, pool, receiver - 1)
                             else:  # from another node: a bridge writes the ring, through a pool of its own
                                 bridge_pool = Pool(self.id, f"in{tag}", slots or 2 * wire.depth + 4, 1)
                                 target = RemoteTarget(ring, plan.inbox.bell, 0, bridge_pool)
-                                reader = RingReader(ring, bridge_pool, 0, wire.policy)
+                                reader = RingReader(ring, bridge_pool, 0)
                                 self._hub.expect(tag, ring, bridge_pool, plan.inbox.bell, wire.policy)
                             if wire.ordered:
                                 merges.setdefault((target_instance, destination.name), []).append(reader)
@@ -539,10 +550,13 @@ class Pipe:
                 message = conn.recv()
             except (EOFError, OSError):
                 conn.close()
+                with self._lock:  # this process reports no more: its counts carry forward
+                    state.totals.take(state.routines, state.channels)
                 return
             kind = message[0]
-            if kind == "ack":
-                state.routines.setdefault(message[2], {}).update(message[4])
+            if kind == "ack":  # counts only grow within a process: an ack older than the last report keeps those
+                known = state.routines.setdefault(message[2], {})
+                known.update({k: max(v, known.get(k, v)) if k in COUNTERS else v for k, v in message[4].items()})
                 self._ack(message[1], replica_name(message[2], flow, name), message[3])
             elif kind == "status":
                 state.routines.update(message[2])
@@ -673,14 +687,15 @@ class Pipe:
             self._all_exited.set()
 
     def _recover_wires(self, flow: str) -> None:
-        """Make the rings of a dead flow safe: no held lock, no slot held forever, no producer
-        waiting forever for a dead consumer."""
+        """Make the rings of a dead flow safe: no slot held forever, no producer waiting
+        forever for a dead consumer."""
         for wire in self._remote:
             target = wire.target
             if wire.source_flow == flow:
-                target.ring.recover(True, target.on_drop, wire.destination_flow == flow)
+                target.ring.recover(wire.destination_flow == flow)
+                target.pool.release_all(target.receiver)
             elif wire.destination_flow == flow:
-                kept = target.ring.recover(False, target.on_drop, True)
+                kept = target.ring.recover(True)
                 target.pool.release_all(target.receiver, kept)
 
     def _schedule_restart(self, flow: str, code: int) -> bool:
@@ -847,7 +862,7 @@ class Pipe:
                        for instance in self._instance_names[flow]}
         event_id = next(self._event_ids)
         result = EventResult(name, [replica_name(r, instance, self._instances[instance].name)
-                                    for instance, routines in targets.items() for r in routines])
+                                    for instance, routines in targets.items() for r in routines], self._observe_ack)
         self._results[event_id] = result
         self._note_event(name, targets)
         for flow, routines in targets.items():
@@ -1105,11 +1120,13 @@ class Pipe:
         return f"{self.logger.name}.{flow}.{routine}"
 
     def structure(self) -> Dict[str, Any]:
-        """The routines, the events they handle and the parameters they declare (the cockpit's
-        ``pipe_creation`` message), and each flow's replicas, resources and (on a cluster) nodes."""
+        """The routines, the events they handle with their handlers' parameters and the parameters
+        they declare (the cockpit's ``pipe_creation`` message), the wires, one per destination,
+        with policy and depth, and each flow's replicas, resources and (on a cluster) nodes."""
         return {
             "Routines": [{"flow_name": flow.name, "routine_name": r.name,
                           "events": sorted(e for e in handlers_of(r) if e not in BUILTIN_EVENTS),
+                          "event_params": {e: p for e, p in describe_handlers(r).items() if e not in BUILTIN_EVENTS},
                           "params": {n: p.describe() for n, p in declared_params(type(r)).items()}}
                          for flow in self._flow_list for r in flow.routines],
             "Flows": {flow.name: {"replicas": flow.replicas, "resources": flow.resources,
@@ -1117,21 +1134,23 @@ class Pipe:
                                             if i in self._states and self._states[i].node}}
                       for flow in self._flow_list},
             "Events": list(BUILTIN_EVENTS),
+            "Wires": [{"source": w.source.name, "destination": d.name, "policy": w.policy or self._wire_policy,
+                       "depth": w.depth or self._wire_depth} for w in self.wires for d in w.destinations],
         }
 
     def _routine_status(self, flow: Flow, routine: Routine) -> Dict[str, Any]:
         """One routine's state, counters and parameters; over replicas the counters are summed, the
         latency is the slowest replica's, the state is ``running`` while any replica runs, and
         ``replicas`` holds each one's state."""
-        instances = self._instance_names.get(flow.name, [flow.name])
-        reports = [self._states[i].routines.get(routine.name, {}) if i in self._states else {} for i in instances]
+        reports = self._replica_reports(flow, routine)
         states = [r.get("state", IDLE) for r in reports]
         capacities = [r["capacity"] for r in reports if r.get("capacity")]
         paced = [r["paced_fps"] for r in reports if r.get("paced_fps")]
         status = {
             "flow": flow.name, "state": RUNNING if RUNNING in states else states[0],
-            "messages_in": sum(r.get("messages_in", 0) for r in reports),
-            "messages_out": sum(r.get("messages_out", 0) for r in reports),
+            "messages_in": sum(r["messages_in"] for r in reports),
+            "messages_out": sum(r["messages_out"] for r in reports),
+            "errors": sum(r["errors"] for r in reports),
             "fps": round(sum(r.get("fps", 0.0) for r in reports), 2),
             "capacity": round(sum(capacities), 2) if capacities else None,
             "paced_fps": paced[0] if paced else None,
@@ -1141,7 +1160,7 @@ class Pipe:
             "latency": max((r["latency"] for r in reports if r.get("latency")), key=lambda q: q["p99"], default=None),
             "params": reports[0].get("params", plain(routine.params))}
         if flow.replicas > 1:
-            status["replicas"] = dict(zip(instances, states))
+            status["replicas"] = dict(zip(self._instance_names.get(flow.name, []), states))
         return status
 
     def status(self) -> Dict[str, Any]:
@@ -1161,7 +1180,10 @@ class Pipe:
                           "destination": self._qualified(wire.destination, wire.destination_flow), "depth": depth,
                           "dropped": dropped})
         for source, destination, flow, key in self._local:
-            depth, dropped = self._states[flow].channels.get(key, (0, 0)) if flow in self._states else (0, 0)
+            state = self._states.get(flow)
+            with self._lock:
+                depth, dropped = state.channels.get(key, (0, 0)) if state else (0, 0)
+                dropped = state.totals.dropped(key, dropped) if state else dropped
             if self._flow_of[source] == self._instances[flow].name:
                 wires.append({"source": self._qualified(source, flow),
                               "destination": self._qualified(destination, flow), "depth": depth, "dropped": dropped})
@@ -1175,3 +1197,44 @@ class Pipe:
 
     def _qualified(self, routine: str, instance: str) -> str:
         return replica_name(routine, instance, self._instances[instance].name)
+
+    def _replica_reports(self, flow: Flow, routine: Routine) -> List[Dict[str, Any]]:
+        """The last report of ``routine`` in each process of ``flow``, with the counts of that
+        process's predecessors added."""
+        empty = _FlowState()
+        with self._lock:
+            return [state.totals.routine(routine.name, state.routines.get(routine.name, {}))
+                    for instance in self._instance_names.get(flow.name, [flow.name])
+                    for state in [self._states.get(instance, empty)]]
+
+    def _reports(self) -> Dict[str, Dict[str, Any]]:
+        """Each routine's last report, with the counts of its flow's earlier processes added, and
+        over replicas the counts and histograms of all of them."""
+        merged = {}
+        for flow in self._flow_list:
+            for routine in flow.routines:
+                reports = self._replica_reports(flow, routine)
+                totals = Totals()
+                for report in reports[1:]:
+                    totals.take({routine.name: dict(report)}, {})
+                merged[routine.name] = totals.routine(routine.name, reports[0])
+        return merged
+
+    def _observe_ack(self, event: str, routine: str, error: Optional[str], seconds: float) -> None:
+        flow = self._flow_of.get(routine) or self._flow_of.get(routine.rsplit("/", 1)[0], "")  # det/1: a replica
+        self._event_stats.observe(event, flow, routine, error, seconds)
+
+    def started_routines(self) -> List[str]:
+        """The routines whose last ``start``/``stop`` event was ``start``: they should be running."""
+        return sorted(name for name, event in self._wanted.items() if event == START_EVENT_NAME)
+
+    def metrics(self) -> Dict[str, Any]:
+        """What ``/metrics`` exposes, as plain JSON: ``status()`` with each routine's histograms (latency,
+        main_logic durations), the acknowledgements of events, and the log records the cockpit missed."""
+        snapshot = self.status()
+        for name, reported in self._reports().items():
+            snapshot["routines"][name].update({key: reported[key] for key in HISTOGRAMS})
+        snapshot["events"] = self._event_stats.snapshot()
+        snapshot["cockpit_dropped_records"] = sum(h.dropped for h in self.logger.handlers
+                                                  if isinstance(h, CockpitHandler))
+        return snapshot

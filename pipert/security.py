@@ -396,6 +396,16 @@ class LimitedHandler(WSGIHandler):
                                         f"the client sent nothing for {limits.timeout:g} s")
         return super()._handle_client_error(ex)
 
+    def handle_error(self, kind: Any, value: BaseException, traceback: Any) -> None:
+        """A client that took nothing for ``timeout`` seconds while its answer was being written (a
+        stalled dashboard stream, say) is cut off with one warning instead of a traceback."""
+        if isinstance(value, socket.timeout) and self.headers_sent:
+            _log.warning("HTTP %s %s: the client at %s took nothing for %g s; disconnected", self.command,
+                         self.path, self.client_address[0], self.server.limits.timeout)
+            self.close_connection = True
+            return
+        super().handle_error(kind, value, traceback)
+
     def get_environ(self) -> Dict[str, Any]:
         environ = super().get_environ()
         try:

@@ -56,13 +56,13 @@ class Histogram:
         """Count the values appended since the last fold."""
         taken = self.samples[:]
         del self.samples[:len(taken)]
-        values = np.array(taken, dtype=float)
+        values = np.fromiter(taken, dtype=float, count=len(taken))
         if len(values):
             self.counts += np.bincount(np.searchsorted(self.bounds, values, side="left"),
                                        minlength=len(self.counts))
             self.sum += float(values.sum())
             self.last.extend(taken[-LAST:])
-        self._recent.append(values[::max(1, len(values) // _RECENT_SAMPLES)])
+        self._recent.append(values[::max(1, len(values) // _RECENT_SAMPLES)].copy())
 
     def quantiles(self, *qs: float) -> Optional[List[float]]:
         """The ``qs`` quantiles (0-1) of the values of the last few reports, or None if there were none."""

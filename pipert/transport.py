@@ -5,9 +5,9 @@ Between flows it is pickled (protocol 5) once per wire; buffers of at least
 ``OOB_MIN`` bytes (numpy arrays) go out-of-band into the wire's shared-memory
 ``Pool`` and only small records travel through one ``ShmRing`` per remote
 destination. The receiver gets read-only numpy arrays that view the pool slot:
-no copy on receive. A slot is reused only when every receiver's flag says it
-released the slot (its arrays were garbage collected); only the owner counts,
-so no cross-process atomics are needed.
+no copy on receive. A slot is reused only when every receiver released its
+current use (its arrays are gone); each side writes only its own fields, so no
+cross-process atomics are needed.
 
 Every message carries its source time: the wall-clock time (``time.time()``)
 its source routine produced it, which a middle routine's outputs inherit from
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import io
 import mmap
 import os
 import pickle
 import struct
+import sys
 import threading
-import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import posix_ipc
@@ -77,7 +78,7 @@ class LocalChannel:
         self.dropped = 0
         self.meta: Meta = None
 
-    def put(self, obj: object, stamp: float, should_stop: Callable[[], bool], meta: "Meta" = None) -> None:
+    def put(self, obj: object, stamp: float, should_stop: Callable[[], bool], meta: Meta = None) -> None:
         if self._space is not None:
             while not self._space.acquire(timeout=_WAIT_SLICE):
                 if should_stop():
@@ -105,73 +106,116 @@ class LocalChannel:
         return len(self._queue)
 
 
-# Ring header: one 8-byte field per counter, each written by one side only (the
-# producer's and the consumer's on separate cache lines); aligned 8-byte loads
-# and stores through ctypes are atomic on the platforms we run on.
-_HEAD, _WRITTEN, _DROPPED = 0, 8, 16  # bytes written, records written, records dropped (producer)
-_TAIL, _READ = 64, 72  # bytes read, records read (consumer; the producer under the lock or when gone)
-_GONE = 128  # 1 while the consumer's flow is dead (set by the daemon)
+# Ring headers: 8-byte fields, each written by one side only (the producer's and
+# the consumer's on separate cache lines). Aligned 8-byte loads and stores through
+# ctypes are atomic, and x86 (the platform we run on) keeps one core's stores in
+# order and its loads in order, which is all a single-writer field needs. A claim
+# on the latest ring also needs a store to be seen before a later load, which only
+# a locked instruction gives: ``_fence``.
 _RING_HDR_SIZE = 192
-_RECOVERY_WAIT = 0.5  # seconds the daemon waits for a ring lock before taking it from a dead holder
+_GONE = 128  # u8: 1 while the consumer's flow is dead (set by the daemon)
 _LEN = struct.Struct("=I")
+_fence_lock = threading.Lock()
 
 
-class ShmRing:
-    """A bounded queue of length-prefixed records from one producer to one consumer process.
+def _fence() -> None:
+    """A full memory barrier: an uncontended lock is a locked read-modify-write."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
-    Under ``block`` it is lock-free: the producer alone moves the head, the
-    consumer alone the tail. A producer that finds it full sleeps on ``space``
-    until the consumer has emptied half of it, so a fast producer and a slower
-    consumer do not wake each other for every message. Under ``latest`` the
-    producer drops the oldest records itself, which moves the tail too, so both
-    sides take ``lock`` (a semaphore used as a mutex).
-    """
 
-    def __init__(self, mm: mmap.mmap, lock: posix_ipc.Semaphore, space: posix_ipc.Semaphore,
-                 depth: int, policy: str) -> None:
+class _ByteRing:
+    """Records laid end to end in a shared segment, wrapping at its end; the
+    positions are running byte counts (``pos % capacity`` is the place)."""
+
+    def __init__(self, mm: mmap.mmap, data_offset: int) -> None:
         self._mm = mm
-        self._cap = len(mm) - _RING_HDR_SIZE
-        self._lock = lock
-        self._space = space
-        self._depth = depth
-        self._wake_at = depth // 2
-        self._block = policy == BLOCK
-        self._head, self._written, self._dropped, self._tail, self._read_count = (
-            ctypes.c_uint64.from_buffer(mm, offset) for offset in (_HEAD, _WRITTEN, _DROPPED, _TAIL, _READ))
+        self._base = data_offset
+        self._cap = len(mm) - data_offset
         self._gone = ctypes.c_uint8.from_buffer(mm, _GONE)
-
-    @classmethod
-    def create(cls, pipe_id: str, tag: str, capacity: int, depth: int, policy: str) -> "ShmRing":
-        pid = os.getpid()
-        return cls(shm.create_segment(shm.name(pipe_id, pid, f"ring{tag}"), _RING_HDR_SIZE + capacity),
-                   shm.create_semaphore(shm.name(pipe_id, pid, f"lock{tag}"), 1),
-                   shm.create_semaphore(shm.name(pipe_id, pid, f"space{tag}"), 0), depth, policy)
 
     @property
     def capacity(self) -> int:
         """The largest record the ring can ever hold, in bytes."""
         return self._cap
 
+    def _check_size(self, need: int) -> None:
+        if need > self._cap:
+            raise TransportError(
+                f"a message of {need} bytes is larger than the wire's ring ({self._cap} bytes): send large "
+                "data as contiguous numpy arrays (they go through the pool) or raise Pipe(ring_capacity=...)")
+
     def _write(self, pos: int, data: bytes) -> None:
         start = pos % self._cap
         end = start + len(data)
+        base = self._base
         if end <= self._cap:
-            self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + end] = data
+            self._mm[base + start:base + end] = data
             return
         view, first = memoryview(data), self._cap - start
-        self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + self._cap] = view[:first]
-        self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + len(data) - first] = view[first:]
+        self._mm[base + start:base + self._cap] = view[:first]
+        self._mm[base:base + len(data) - first] = view[first:]
 
     def _read(self, pos: int, size: int) -> bytes:
         start = pos % self._cap
+        base = self._base
         if start + size <= self._cap:
-            return self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + start + size]
+            return self._mm[base + start:base + start + size]
         first = self._cap - start
-        return self._mm[_RING_HDR_SIZE + start:_RING_HDR_SIZE + self._cap] + \
-            self._mm[_RING_HDR_SIZE:_RING_HDR_SIZE + size - first]
+        return self._mm[base + start:base + self._cap] + self._mm[base:base + size - first]
+
+    @property
+    def gone(self) -> bool:
+        """Whether the consumer's flow is dead (a replica that is down gets no new messages)."""
+        return bool(self._gone.value)
+
+    def consumer_back(self) -> None:
+        """The consumer's flow runs (again): a ``block`` producer waits for room again."""
+        self._gone.value = 0
+
+    def close(self) -> None:
+        """Unmap the ring and close its semaphores in this process (the daemon, at the end)."""
+        self._final_stats = self.stats()
+        self._unbind()
+        self._mm.close()
+
+    def _unbind(self) -> None:
+        del self._gone
+
+    def stats(self) -> Tuple[int, int]:
+        raise NotImplementedError
+
+
+# Block ring header fields (byte offsets).
+_HEAD, _WRITTEN, _DROPPED = 0, 8, 16  # bytes written, records written, records dropped (producer)
+_TAIL, _READ = 64, 72  # bytes read, records read (consumer; the producer only while the consumer is gone)
+
+
+class ShmRing(_ByteRing):
+    """The ``block`` wire: a lossless, bounded, lock-free queue of length-prefixed records
+    from one producer to one consumer process.
+
+    The producer alone moves the head, the consumer alone the tail. A producer that
+    finds it full sleeps on ``space`` until the consumer has emptied half of it, so a
+    fast producer and a slower consumer do not wake each other for every message.
+    """
+
+    def __init__(self, mm: mmap.mmap, space: posix_ipc.Semaphore, depth: int) -> None:
+        super().__init__(mm, _RING_HDR_SIZE)
+        self._space = space
+        self._depth = depth
+        self._wake_at = depth // 2
+        self._head, self._written, self._dropped, self._tail, self._read_count = (
+            ctypes.c_uint64.from_buffer(mm, offset) for offset in (_HEAD, _WRITTEN, _DROPPED, _TAIL, _READ))
+
+    @classmethod
+    def create(cls, pipe_id: str, tag: str, capacity: int, depth: int) -> "ShmRing":
+        pid = os.getpid()
+        return cls(shm.create_segment(shm.name(pipe_id, pid, f"ring{tag}"), _RING_HDR_SIZE + capacity),
+                   shm.create_semaphore(shm.name(pipe_id, pid, f"space{tag}"), 0), depth)
 
     def _pop_oldest(self) -> bytes:
-        """Take the oldest record off the ring (the consumer, or the producer while it may)."""
+        """Take the oldest record off the ring (the producer, while the consumer is gone)."""
         tail = self._tail.value
         record = self._read(tail, _LEN.unpack(self._read(tail, _LEN.size))[0])
         self._tail.value = tail + len(record)
@@ -182,28 +226,16 @@ class ShmRing:
         return (self._written.value - self._read_count.value >= self._depth
                 or self._cap - (self._head.value - self._tail.value) < need)
 
-    def _append(self, record: bytes) -> None:
-        head = self._head.value
-        self._write(head, record)
-        self._head.value = head + len(record)
-        self._written.value += 1
-
     def put(self, record: bytes, on_drop: Callable[[bytes], None], should_stop: Callable[[], bool]) -> None:
-        """Append ``record`` (it starts with its own length); under ``latest``, or while the
-        consumer's flow is dead, drop the oldest records to make room."""
+        """Append ``record`` (it starts with its own length), waiting for room; while the
+        consumer's flow is dead, drop the oldest records instead."""
         need = len(record)
-        if need > self._cap:
-            raise TransportError(
-                f"a message of {need} bytes is larger than the wire's ring ({self._cap} bytes): send large "
-                "data as contiguous numpy arrays (they go through the pool) or raise Pipe(ring_capacity=...)")
-        if not self._block:
-            with self._lock:
-                self._drop_until_room(need, on_drop)
-                self._append(record)
-            return
+        self._check_size(need)
         while self._full(need):
             if self._gone.value:
-                self._drop_until_room(need, on_drop)
+                while self._full(need):
+                    on_drop(self._pop_oldest())
+                    self._dropped.value += 1
                 break
             while True:  # forget stale wake-ups, look again, then sleep until the consumer makes room
                 try:
@@ -212,19 +244,13 @@ class ShmRing:
                     break
             if self._full(need) and not self._gone.value:
                 _wait(self._space, should_stop)
-        self._append(record)
+        head = self._head.value
+        self._write(head, record)
+        self._head.value = head + need
+        self._written.value += 1
 
-    def _drop_until_room(self, need: int, on_drop: Callable[[bytes], None]) -> None:
-        while self._full(need):
-            on_drop(self._pop_oldest())
-            self._dropped.value += 1
-
-    def get(self, everything: bool = False) -> List[bytes]:
-        """Pop the oldest record, or with ``everything`` all waiting ones (copied out in one
-        go), oldest first; each keeps its length prefix."""
-        if not everything:
-            with self._lock:
-                return [self._pop_oldest()] if self._written.value != self._read_count.value else []
+    def get(self, release: Callable[[bytes], None]) -> List[bytes]:
+        """Every waiting record, copied out in one go, oldest first; each keeps its length prefix."""
         head, tail = self._head.value, self._tail.value
         if head == tail:
             return []
@@ -250,48 +276,25 @@ class ShmRing:
             pos += len(record)
         return found
 
-    def recover(self, drop: bool, on_drop: Callable[[bytes], None], consumer_gone: bool) -> List[bytes]:
-        """Daemon side, after a flow died: mark whether the consumer is gone (a ``block``
-        producer then drops instead of waiting forever), wake the producer, and return
-        the records still waiting. With ``drop`` (the producer died) a ``latest`` ring
-        is emptied under its lock, taken even from a dead holder; a ``block`` ring has
-        no lock and its live consumer skips records whose slots are gone."""
+    def recover(self, consumer_gone: bool) -> List[bytes]:
+        """Daemon side, after a flow died: mark whether the consumer is gone (the producer
+        then drops instead of waiting forever), wake the producer, and return the records
+        still waiting (a dead producer's are skipped by the consumer if their slots are gone)."""
         self._gone.value = consumer_gone
         kept = self.records()
-        if drop and not self._block:
-            try:
-                self._lock.acquire(_RECOVERY_WAIT)
-            except posix_ipc.BusyError:
-                pass  # the dead process held it; the lock is ours now
-            try:
-                while self._written.value != self._read_count.value:
-                    on_drop(self._pop_oldest())
-                    self._dropped.value += 1
-                kept = []
-            finally:
-                self._lock.release()
         self._space.release()
         return kept
 
-    @property
-    def gone(self) -> bool:
-        """Whether the consumer's flow is dead (a replica that is down gets no new messages)."""
-        return bool(self._gone.value)
-
-    def consumer_back(self) -> None:
-        """The consumer's flow runs (again): a ``block`` producer waits for room again."""
-        self._gone.value = 0
-
     def close(self) -> None:
-        """Unmap the ring and close its semaphores in this process (the daemon, at the end)."""
-        self._final_stats = self.stats()
-        del self._head, self._written, self._dropped, self._tail, self._read_count, self._gone
-        self._mm.close()
-        self._lock.close()
+        super().close()
         self._space.close()
 
+    def _unbind(self) -> None:
+        super()._unbind()
+        del self._head, self._written, self._dropped, self._tail, self._read_count
+
     def count_drop(self) -> None:
-        """Count a message that never entered the ring (pool exhausted under ``latest``)."""
+        """Count a message that never entered the ring."""
         self._dropped.value += 1
 
     def stats(self) -> Tuple[int, int]:
@@ -301,19 +304,189 @@ class ShmRing:
         return self._written.value - self._read_count.value, self._dropped.value
 
 
+# Latest ring header fields (byte offsets): the producer's, then the consumer's.
+_RESERVED, _PUBLISHED, _RECLAIM, _POOL_DROPS = 0, 8, 16, 24
+_CURSOR, _SKIPPED = 64, 72
+_ENTRY = struct.Struct("=QQQQ")  # per record: sequence, byte position, length (producer); claimed (consumer)
+_SPARE_ENTRIES = 8
+_INVALID = (1 << 64) - 1
+
+
+class LatestRing(_ByteRing):
+    """The ``latest`` wire: the producer never waits and never takes a lock; it overwrites.
+
+    Record ``n`` goes to the byte ring at position ``pos`` and its (sequence, pos, length)
+    to index entry ``n % entries``; ``published`` counts the records written. The consumer
+    keeps its own ``cursor`` and reads the oldest of the newest ``depth`` records. It
+    detects an overrun by sequence numbers: an entry whose sequence changed, or bytes the
+    producer has ``reserved`` since (it moves that mark before it overwrites), are skipped
+    and counted as dropped.
+
+    Pool slots of records the consumer never decodes are reclaimed by the producer: once a
+    record has left the window (``reclaim`` = first record still in it), the producer looks
+    at the record's ``claimed`` field. The consumer claims a record that holds pool slots
+    by writing that field, then reads ``reclaim``; the producer writes ``reclaim``, then
+    reads ``claimed``; each with a fence in between, so at least one of them sees the
+    other: the consumer drops a claim that raced (releasing versioned flags, harmless if
+    the producer reclaimed too), or the producer leaves the slots to the consumer.
+    """
+
+    def __init__(self, mm: mmap.mmap, depth: int) -> None:
+        self._entries = depth + _SPARE_ENTRIES
+        super().__init__(mm, _RING_HDR_SIZE + self._entries * _ENTRY.size)
+        self._depth = depth
+        self._reserved, self._published, self._reclaim, self._pool_drops, self._cursor, self._skipped = (
+            ctypes.c_uint64.from_buffer(mm, offset)
+            for offset in (_RESERVED, _PUBLISHED, _RECLAIM, _POOL_DROPS, _CURSOR, _SKIPPED))
+        self._seq, self._pos, self._len, self._claimed = (
+            [ctypes.c_uint64.from_buffer(mm, _RING_HDR_SIZE + i * _ENTRY.size + field) for i in range(self._entries)]
+            for field in (0, 8, 16, 24))
+        for seq in self._seq:
+            seq.value = _INVALID
+        self._pending: collections.deque = collections.deque()  # producer: (record number, record) with slots
+
+    @classmethod
+    def create(cls, pipe_id: str, tag: str, capacity: int, depth: int) -> "LatestRing":
+        size = _RING_HDR_SIZE + (depth + _SPARE_ENTRIES) * _ENTRY.size + capacity
+        return cls(shm.create_segment(shm.name(pipe_id, os.getpid(), f"ring{tag}"), size), depth)
+
+    def put(self, record: bytes, on_drop: Callable[[bytes], None], should_stop: Callable[[], bool]) -> None:
+        """Publish ``record``, overwriting the oldest ones if the consumer is behind; reclaim
+        (``on_drop``) the slots of records that left the window unclaimed."""
+        need = len(record)
+        self._check_size(need)
+        pos = self._reserved.value
+        self._reserved.value = pos + need
+        self._write(pos, record)
+        n = self._published.value
+        entry = n % self._entries
+        seq = self._seq[entry]
+        seq.value = _INVALID
+        self._pos[entry].value = pos
+        self._len[entry].value = need
+        seq.value = n
+        self._published.value = n + 1
+        pending = self._pending
+        if _MSG.unpack_from(record)[2]:
+            pending.append((n, record))
+        if pending:
+            first_kept = n + 1 - self._depth
+            self._reclaim.value = first_kept
+            if pending[0][0] < first_kept:
+                _fence()
+                claimed, entries = self._claimed, self._entries
+                while pending and pending[0][0] < first_kept:
+                    old, old_record = pending.popleft()
+                    if claimed[old % entries].value != old + 1:
+                        on_drop(old_record)
+
+    def _entry(self, n: int) -> Optional[Tuple[int, int]]:
+        """(pos, length) of record ``n`` if its index entry still describes it."""
+        entry = n % self._entries
+        seq = self._seq[entry]
+        if seq.value != n:
+            return None
+        pos, size = self._pos[entry].value, self._len[entry].value
+        if seq.value != n or size > self._cap:
+            return None
+        return pos, size
+
+    def _intact(self, pos: int) -> bool:
+        """True if the producer has not reserved the bytes at ``pos`` for a newer record."""
+        return self._reserved.value <= pos + self._cap
+
+    def get(self, release: Callable[[bytes], None]) -> List[bytes]:
+        """The oldest of the newest ``depth`` records (skipping and counting the older and the
+        overwritten ones), or nothing; ``release`` gives back the slots of a claim that lost."""
+        cursor = self._cursor
+        while True:
+            published, n = self._published.value, cursor.value
+            if n >= published:
+                return []
+            if published - n > self._depth:
+                self._skipped.value += published - self._depth - n
+                n = cursor.value = published - self._depth
+            found = self._entry(n)
+            record = self._read(*found) if found is not None else None
+            if record is None or not self._intact(found[0]):
+                self._skipped.value += 1
+                cursor.value = n + 1
+                continue
+            if _MSG.unpack_from(record)[2]:
+                self._claimed[n % self._entries].value = n + 1
+                _fence()
+                if n < self._reclaim.value:
+                    release(record)
+                    self._skipped.value += 1
+                    cursor.value = n + 1
+                    continue
+            cursor.value = n + 1
+            return [record]
+
+    def records(self) -> List[bytes]:
+        """The records the consumer would still read, oldest first, without taking them."""
+        published = self._published.value
+        found = []
+        for n in range(max(self._cursor.value, published - self._depth), published):
+            where = self._entry(n)
+            if where is not None:
+                record = self._read(*where)
+                if self._intact(where[0]):
+                    found.append(record)
+        return found
+
+    def recover(self, consumer_gone: bool) -> List[bytes]:
+        """Daemon side, after a flow died: return the records a (restarted) consumer would
+        still read. The producer never waits, so nothing else needs unwedging."""
+        self._gone.value = consumer_gone
+        return self.records()
+
+    def _unbind(self) -> None:
+        super()._unbind()
+        del self._reserved, self._published, self._reclaim, self._pool_drops, self._cursor, self._skipped
+        del self._seq, self._pos, self._len, self._claimed
+
+    def count_drop(self) -> None:
+        """Count a message that never entered the ring (pool exhausted)."""
+        self._pool_drops.value += 1
+
+    def stats(self) -> Tuple[int, int]:
+        """(messages waiting, messages dropped so far); the last figures once closed."""
+        if self._mm.closed:
+            return self._final_stats
+        behind = self._published.value - self._cursor.value
+        return min(behind, self._depth), self._skipped.value + self._pool_drops.value + max(0, behind - self._depth)
+
+
+def create_ring(pipe_id: str, tag: str, capacity: int, depth: int, policy: str) -> "ShmRing | LatestRing":
+    """The ring of one (wire, remote destination), made by the daemon before flows fork."""
+    if policy == BLOCK:
+        return ShmRing.create(pipe_id, tag, capacity, depth)
+    return LatestRing.create(pipe_id, tag, capacity, depth)
+
+
 _POOL_HDR_SIZE = 8  # u32 "owner waits for a release", padding
+_U32 = struct.Struct("=I")
 _MSG = struct.Struct("=IIHdQQ")  # record length, producer pid, pool references, source time, order stamp
-_REF = struct.Struct("=HIQQ")  # slot, generation, offset, bytes
+_REF = struct.Struct("=HIIQQ")  # slot, generation, stamp, offset, bytes
 
 
 class Pool:
     """Shared-memory slots for one wire's large buffers.
 
-    The header (flags, one byte per slot and receiver: 1 = released) is made by
-    the daemon; the slots' segments are made by the producer flow, sized to the
-    largest buffer seen, and named with its pid so a dead flow's are found.
-    A producer can also ``allocate`` an array inside a slot and fill it: sending
-    that array then copies nothing at all.
+    The header is made by the daemon: per slot a u32 *stamp* (written by the owner, one
+    more at every use) and per receiver a u32 (written by that receiver: the stamp it
+    released). A slot is free when every receiver released its current stamp, or when
+    the owner itself reclaimed it for that receiver (a record the receiver never got).
+    Stamps make a late or repeated release harmless: it names a use that is over.
+    The slots' segments are made by the producer flow, sized to the largest buffer
+    seen, and named with its pid so a dead flow's are found. A producer can also
+    ``allocate`` an array inside a slot and fill it: sending it then copies nothing.
+
+    Who still uses a slot is known without finalizers: every array handed out (the
+    producer's from ``allocate``, a receiver's from ``decode``) is a view of a uint8
+    array made for that one use, and numpy views keep that array as their ``base``,
+    so its reference count says whether any array of that use is alive.
     """
 
     def __init__(self, pipe_id: str, tag: str, slots: int, receivers: int) -> None:
@@ -322,27 +495,47 @@ class Pool:
         self._tag = tag
         self._slots = slots
         self._receivers = receivers
-        self._hdr = shm.create_segment(shm.name(pipe_id, pid, f"pool{tag}"), _POOL_HDR_SIZE + slots * receivers)
-        self._hdr[_POOL_HDR_SIZE:] = b"\x01" * (slots * receivers)
+        self._row = _U32.size * (receivers + 1)
+        self._hdr = shm.create_segment(shm.name(pipe_id, pid, f"pool{tag}"), _POOL_HDR_SIZE + slots * self._row)
         self._released = shm.create_semaphore(shm.name(pipe_id, pid, f"released{tag}"), 0)
-        self._free = b"\x01" * receivers
-        self._held = b"\x00" * receivers
-        self._segments: Dict[int, Tuple[int, int, mmap.mmap, int]] = {}  # slot -> gen, capacity, map, address
-        self._owned: set = set()  # slots the producer's own arrays (from ``allocate``) still use
+        self._reclaimed: Dict[Tuple[int, int], int] = {}  # owner: (slot, receiver) -> stamp it reclaimed
+        self._segments: Dict[int, Tuple[int, int, mmap.mmap, memoryview]] = {}  # slot -> gen, capacity, map, view
+        self._owned: Dict[int, np.ndarray] = {}  # slot -> the base of the producer's own arrays (``allocate``)
+        self._owned_ids: Dict[int, int] = {}  # id of that base -> slot
         self._next = 0
-        self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap]] = {}
+        self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap, memoryview]] = {}  # receiver's mappings
 
     def _segment_name(self, pid: int, slot: int, gen: int) -> str:
         return shm.name(self._pipe_id, pid, f"w{self._tag}s{slot}g{gen}")
 
+    def _offset(self, slot: int) -> int:
+        return _POOL_HDR_SIZE + slot * self._row
+
     def _released_by_all(self, slot: int) -> bool:
-        off = _POOL_HDR_SIZE + slot * self._receivers
-        return self._hdr[off:off + self._receivers] == self._free
+        off = self._offset(slot)
+        row = self._hdr[off:off + self._row]
+        stamp = row[:4]
+        if row == stamp * (self._receivers + 1):
+            return True
+        if not self._reclaimed:
+            return False
+        current = _U32.unpack(stamp)[0]
+        return all(row[4 + 4 * i:8 + 4 * i] == stamp or self._reclaimed.get((slot, i)) == current
+                   for i in range(self._receivers))
+
+    def _producer_uses(self, slot: int) -> bool:
+        """True while an array from ``allocate`` in ``slot`` is alive (refs: the dict, the argument)."""
+        if slot not in self._owned:
+            return False
+        if sys.getrefcount(self._owned[slot]) > 2:
+            return True
+        del self._owned_ids[id(self._owned.pop(slot))]
+        return False
 
     def _find_free(self) -> Optional[int]:
         for k in range(self._slots):
             slot = (self._next + k) % self._slots
-            if slot not in self._owned and self._released_by_all(slot):
+            if not self._producer_uses(slot) and self._released_by_all(slot):
                 return slot
         return None
 
@@ -358,80 +551,78 @@ class Pool:
                 _wait(self._released, should_stop)
                 slot = self._find_free()
         self._hdr[0:4] = b"\x00\x00\x00\x00"
-        gen, capacity, mm, _ = self._segments.get(slot, (0, 0, None, 0))
+        gen, capacity, mm, view = self._segments.get(slot, (0, 0, None, None))
         if capacity < size:
             if mm is not None:
+                view.release()
                 mm.close()
                 posix_ipc.unlink_shared_memory(self._segment_name(os.getpid(), slot, gen))
             gen += 1
             capacity = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
             mm = shm.create_segment(self._segment_name(os.getpid(), slot, gen), capacity)
-            self._segments[slot] = (gen, capacity, mm, ctypes.addressof(ctypes.c_char.from_buffer(mm)))
+            self._segments[slot] = (gen, capacity, mm, memoryview(mm))
         self._next = slot + 1
         return slot
 
-    def holders(self, receivers: Sequence[int]) -> bytes:
-        """The flags of a slot held by ``receivers`` only (a message sent to one replica)."""
-        return bytes(0 if r in receivers else 1 for r in range(self._receivers))
+    def _hold(self, slot: int, offset: int, size: int) -> bytes:
+        """Start a new use of ``slot``: every receiver holds it until it releases this stamp."""
+        off = self._offset(slot)
+        stamp = (_U32.unpack_from(self._hdr, off)[0] + 1) & 0xFFFFFFFF
+        _U32.pack_into(self._hdr, off, stamp)
+        return _REF.pack(slot, self._segments[slot][0], stamp, offset, size)
 
-    def _hold(self, slot: int, offset: int, size: int, held: Optional[bytes]) -> bytes:
-        off = _POOL_HDR_SIZE + slot * self._receivers
-        self._hdr[off:off + self._receivers] = self._held if held is None else held
-        return _REF.pack(slot, self._segments[slot][0], offset, size)
-
-    def _owned_slot(self, raw: memoryview) -> Optional[Tuple[int, int]]:
-        """(slot, offset) if ``raw`` lies in a slot the producer allocated and no receiver holds."""
-        if not self._owned:
-            return None
-        address = np.frombuffer(raw, dtype=np.uint8).ctypes.data
-        for slot in tuple(self._owned):
-            _, capacity, _, base = self._segments[slot]
-            if base <= address and address + raw.nbytes <= base + capacity and self._released_by_all(slot):
-                return slot, address - base
-        return None
-
-    def allocate(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[memoryview]:
-        """A writable buffer inside a slot, kept from reuse until the producer drops it."""
+    def allocate(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
+        """A writable uint8 array over a slot, kept from reuse while it or any view of it lives
+        (numpy views keep this array as their ``base``)."""
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
-        self._owned.add(slot)
-        holder = (ctypes.c_char * size).from_buffer(self._segments[slot][2])
-        weakref.finalize(holder, self._owned.discard, slot)
-        return memoryview(holder)
+        array = np.frombuffer(self._segments[slot][3], np.uint8, size)
+        self._owned[slot] = array
+        self._owned_ids[id(array)] = slot
+        return array
 
-    def store(self, raw: memoryview, block: bool, should_stop: Callable[[], bool],
-              held: Optional[bytes] = None) -> Optional[bytes]:
-        """Reference ``raw`` in the pool, held by every receiver (or those ``held`` says): in
-        place if it was allocated here, else copied into a free slot. None if the pool is full
-        under ``latest``."""
-        size = raw.nbytes
-        owned = self._owned_slot(raw)
-        if owned is not None:
-            return self._hold(owned[0], owned[1], size, held)
+    def store(self, array: np.ndarray, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
+        """Reference ``array`` in the pool, held by every receiver: in place if it lies in an
+        array from ``allocate`` that no receiver holds, else copied into a free slot (one
+        copy, whatever its layout). None if the pool is full under ``latest``."""
+        size = array.nbytes
+        slot = self._owned_ids.get(id(array.base))
+        if slot is not None and array.flags.c_contiguous and self._released_by_all(slot):
+            base = self._owned[slot]
+            offset = 0 if size == base.nbytes else \
+                array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+            return self._hold(slot, offset, size)
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
-        self._segments[slot][2][0:size] = raw
-        return self._hold(slot, 0, size, held)
+        np.copyto(np.frombuffer(self._segments[slot][3], array.dtype, array.size).reshape(array.shape), array)
+        return self._hold(slot, 0, size)
 
-    def release(self, slot: int, receiver: int) -> None:
-        """Mark ``slot`` released by ``receiver`` and wake an owner waiting for room."""
-        self._hdr[_POOL_HDR_SIZE + slot * self._receivers + receiver] = 1
+    def release(self, slot: int, receiver: int, stamp: int) -> None:
+        """Receiver side: ``receiver`` is done with use ``stamp`` of ``slot``; wake a waiting owner."""
+        _U32.pack_into(self._hdr, self._offset(slot) + _U32.size * (1 + receiver), stamp)
         if self._hdr[0]:
             self._released.release()
 
     def release_record(self, record: bytes, receiver: int) -> None:
-        """Release the slots of a record ``receiver`` will never decode (dropped, or its slots are gone)."""
-        for ref in _refs(record):
-            self.release(ref[0], receiver)
+        """Receiver side: release the slots of a record ``receiver`` will not decode."""
+        for slot, _, stamp, _, _ in _refs(record):
+            self.release(slot, receiver, stamp)
+
+    def reclaim(self, record: bytes, receiver: int) -> None:
+        """Owner side: ``receiver`` will never see ``record`` (dropped): its slots are free for it."""
+        for slot, _, stamp, _, _ in _refs(record):
+            self._reclaimed[(slot, receiver)] = stamp
 
     def release_all(self, receiver: int, keep: Sequence[bytes] = ()) -> None:
-        """Release every slot ``receiver`` holds but those of the records in ``keep`` (its flow died)."""
+        """Daemon side, after a flow died: release every slot ``receiver`` holds but those of the
+        records in ``keep`` (a dead consumer's; or, for a dead producer, all: its successor
+        makes new segments, so arrays still viewing the old ones are safe)."""
         kept = {ref[0] for record in keep for ref in _refs(record)}
         for slot in range(self._slots):
             if slot not in kept:
-                self.release(slot, receiver)
+                self.release(slot, receiver, _U32.unpack_from(self._hdr, self._offset(slot))[0])
 
     def close(self) -> None:
         """Unmap the header and close the semaphore in this process (the daemon, at the end)."""
@@ -439,70 +630,126 @@ class Pool:
         self._released.close()
 
     def unstore(self, ref: bytes) -> None:
-        """Give back a slot that ``store`` filled but no receiver will see."""
-        slot = _REF.unpack(ref)[0]
+        """Give back a slot that a store filled but no receiver will see."""
+        slot, _, stamp, _, _ = _REF.unpack(ref)
         for receiver in range(self._receivers):
-            self.release(slot, receiver)
+            self._reclaimed[(slot, receiver)] = stamp
 
-    def view(self, pid: int, slot: int, gen: int, offset: int, size: int, receiver: int) -> memoryview:
-        """A read-only view into a slot that releases it when the last array using it is gone."""
+    def view(self, pid: int, slot: int, gen: int, offset: int, size: int) -> np.ndarray:
+        """A read-only uint8 array of ``size`` bytes of a producer's slot, made for one use."""
         cached = self._views.get((pid, slot))
         if cached is None or cached[0] != gen:
             if len(self._views) >= 4 * self._slots:
                 self._views.clear()  # mappings of a dead producer; arrays still using them keep them
-            cached = (gen, shm.open_segment(self._segment_name(pid, slot, gen)))
+            mm = shm.open_segment(self._segment_name(pid, slot, gen))
+            cached = (gen, mm, memoryview(mm).toreadonly())
             self._views[(pid, slot)] = cached
-        # numpy keeps the object under a memoryview alive, not the memoryview
-        # itself, so the finalizer goes on a ctypes array of our own over the slot.
-        holder = (ctypes.c_char * size).from_buffer(cached[1], offset)
-        weakref.finalize(holder, self.release, slot, receiver)
-        return memoryview(holder).toreadonly()
+        return np.frombuffer(cached[2], np.uint8, size, offset)
+
+    def sweep(self, held: List[Tuple[np.ndarray, int, int]], receiver: int) -> None:
+        """Release the slots of ``held`` uses (base, slot, stamp) whose arrays are all gone
+        (references left: the list's tuple and the argument)."""
+        alive = []
+        for use in held:
+            if sys.getrefcount(use[0]) > 2:
+                alive.append(use)
+            else:
+                self.release(use[1], receiver, use[2])
+        held[:] = alive
 
 
-def _refs(record: bytes) -> List[Tuple[int, int, int, int]]:
+def _refs(record: bytes) -> List[Tuple[int, int, int, int, int]]:
     count = _MSG.unpack_from(record, 0)[2]
     return [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
 
 
+class _PoolFull(Exception):
+    """The pool had no free slot under ``latest``: the message is dropped."""
+
+
+_decoding = threading.local()  # .bases: the per-use arrays of the message being unpickled in this thread
+
+
+def _slot_array(index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    """Stands for an array in the pool inside a pickle: a view of the message's ``index``-th base."""
+    return _decoding.bases[index].view(dtype).reshape(shape)
+
+
+class _Encoder(pickle.Pickler):
+    """Pickles one message per ``encode``: numpy arrays of at least ``OOB_MIN`` bytes go to
+    the pool (in place if they were allocated there) and travel as a small reference.
+    Other objects, large ``bytes`` too, travel inline (up to the ring's capacity)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._file = io.BytesIO()
+        super().__init__(self._file, protocol=5)
+        self._pool = pool
+        self._refs: List[bytes] = []
+        self._block = True
+        self._should_stop: Callable[[], bool] = bool
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not np.ndarray or obj.nbytes < OOB_MIN or obj.dtype.hasobject:
+            return NotImplemented
+        ref = self._pool.store(obj, self._block, self._should_stop)
+        if ref is None:
+            raise _PoolFull()
+        self._refs.append(ref)
+        dtype = obj.dtype.str if obj.dtype.names is None and obj.dtype.subdtype is None else obj.dtype
+        return _slot_array, (len(self._refs) - 1, dtype, obj.shape)
+
+    def encode(self, obj: object, block: bool, should_stop: Callable[[], bool]) -> Tuple[bytes, List[bytes]]:
+        """(pickled body, pool references) of ``obj``."""
+        self._block, self._should_stop = block, should_stop
+        self._refs = refs = []
+        file = self._file
+        file.seek(0)
+        file.truncate()
+        try:
+            self.dump(obj)
+        except BaseException:
+            for ref in refs:
+                self._pool.unstore(ref)
+            raise
+        finally:
+            self.clear_memo()  # the memo would keep the message (and its arrays' slots) alive
+        return file.getvalue(), refs
+
+
 def encode(obj: object, stamp: float, pool: Optional[Pool], block: bool, should_stop: Callable[[], bool],
-           routine: str, meta: Meta = None, held: Optional[bytes] = None) -> Optional[bytes]:
+           routine: str, encoder: Optional[_Encoder] = None, meta: Meta = None) -> Optional[bytes]:
     """One record (``obj``, its source time ``stamp`` and order stamp ``meta``) for every remote
-    receiver of a wire (or the receivers ``held`` names), or None if the pool is full (``latest``)."""
-    big: list = []
+    receiver of a wire, or None if the pool is full (``latest``). ``encoder`` (one per sender,
+    reused) saves making a pickler per message."""
     try:
         if pool is None:
-            body = pickle.dumps(obj, protocol=5)
+            body, refs = pickle.dumps(obj, protocol=5), []
         else:
-            body = pickle.dumps(obj, protocol=5,
-                                buffer_callback=lambda b: b.raw().nbytes < OOB_MIN or big.append(b))
+            body, refs = (encoder or _Encoder(pool)).encode(obj, block, should_stop)
+    except _PoolFull:
+        return None
+    except (Closed, TransportError):
+        raise
     except Exception as exc:
         raise TransportError(
             f"routine '{routine}' returned a {type(obj).__name__} that cannot be sent to another flow "
             f"({exc}); return picklable data (dicts, numpy arrays, dataclasses)") from None
-    if not big:
-        return assemble(body, (), stamp, meta)
-    refs = []
-    for buf in big:
-        ref = pool.store(buf.raw(), block, should_stop, held)
-        if ref is None:
-            for held in refs:
-                pool.unstore(held)
-            return None
-        refs.append(ref)
     return assemble(body, refs, stamp, meta)
 
 
 def assemble(body: bytes, refs: Sequence[bytes], stamp: float, meta: Meta) -> bytes:
-    """A record from a pickled ``body``, the pool references of its large buffers, its source time
+    """A record from a pickled ``body``, the pool references of its large arrays, its source time
     and its order stamp."""
     stream, seq = meta or (0, 0)
+    if not refs:
+        return _MSG.pack(_MSG.size + len(body), _pid[0], 0, stamp, stream, seq) + body
     size = _MSG.size + len(refs) * _REF.size + len(body)
     return b"".join((_MSG.pack(size, _pid[0], len(refs), stamp, stream, seq), *refs, body))
 
 
-def split(record: bytes) -> Tuple[int, List[Tuple[int, int, int, int]], memoryview, float, Meta]:
-    """A record's producer pid, pool references, pickled body, source time and order stamp
-    (``assemble`` reversed)."""
+def split(record: bytes) -> Tuple[int, List[Tuple[int, int, int, int, int]], memoryview, float, Meta]:
+    """A record's producer pid, pool references (slot, generation, use stamp, offset, bytes),
+    pickled body, source time and order stamp (``assemble`` reversed)."""
     _, pid, count, stamp, stream, seq = _MSG.unpack_from(record, 0)
     refs = [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
     return pid, refs, memoryview(record)[_MSG.size + count * _REF.size:], stamp, (stream, seq) if stream else None
@@ -514,14 +761,26 @@ def record_meta(record: bytes) -> Meta:
     return (stream, seq) if stream else None
 
 
-def decode(record: bytes, pool: Optional[Pool], receiver: int) -> Tuple[float, object]:
-    """``(source time, object)`` of ``record``; the object's large buffers are read-only views of the pool."""
-    _, pid, count, stamp, _, _ = _MSG.unpack_from(record, 0)
+def decode(record: bytes, pool: Optional[Pool], receiver: int,
+           held: Optional[List[Tuple[np.ndarray, int, int]]] = None) -> Tuple[float, object]:
+    """``(source time, object)`` of ``record``; the object's large arrays are read-only views of the
+    pool. Each use of a pool slot is added to ``held`` (``Pool.sweep`` releases it once its arrays
+    are gone)."""
+    _, pid, count, source_time, _, _ = _MSG.unpack_from(record, 0)
     if not count:
-        return stamp, pickle.loads(memoryview(record)[_MSG.size:])
-    buffers = [pool.view(pid, *_REF.unpack_from(record, _MSG.size + i * _REF.size), receiver)
-               for i in range(count)]
-    return stamp, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:], buffers=buffers)
+        return source_time, pickle.loads(memoryview(record)[_MSG.size:])
+    bases = []
+    for i in range(count):
+        slot, gen, stamp, offset, size = _REF.unpack_from(record, _MSG.size + i * _REF.size)
+        base = pool.view(pid, slot, gen, offset, size)
+        if held is not None:
+            held.append((base, slot, stamp))
+        bases.append(base)
+    _decoding.bases = bases
+    try:
+        return source_time, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:])
+    finally:
+        _decoding.bases = None
 
 
 _pid = [os.getpid()]
@@ -529,56 +788,63 @@ os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 class RingReader:
-    """The consumer's end of one ShmRing.
+    """The consumer's end of one ring.
 
-    Under ``block`` it takes every waiting record in one copy (less work per
-    message while a fast producer fills the ring); under ``latest`` one at a
-    time, so that a record waiting in the ring can still be replaced by a newer one.
+    A ``block`` ring hands over every waiting record in one copy (less work per
+    message while a fast producer fills it); a ``latest`` ring one at a time, the
+    oldest of the newest ``depth``, so a slow consumer always gets recent data.
+    Pool slots whose arrays are gone are released at every poll.
     """
 
-    def __init__(self, ring: ShmRing, pool: Optional[Pool], receiver: int, policy: str) -> None:
+    def __init__(self, ring: "ShmRing | LatestRing", pool: Optional[Pool], receiver: int) -> None:
         self._ring = ring
         self._pool = pool
         self._receiver = receiver
-        self._everything = policy == BLOCK
         self._taken: collections.deque = collections.deque()
+        self._held: List[Tuple[np.ndarray, int, int]] = []
         self.meta: Meta = None
+
+    def _release(self, record: bytes) -> None:
+        self._pool.release_record(record, self._receiver)
 
     def poll(self) -> object:
         """The oldest ``(stamp, object)``, or EMPTY."""
+        if self._held:
+            self._pool.sweep(self._held, self._receiver)
         if not self._taken:
-            self._taken.extend(self._ring.get(self._everything))
+            self._taken.extend(self._ring.get(self._release))
             if not self._taken:
                 return EMPTY
         record = self._taken.popleft()
         self.meta = record_meta(record)
         try:
-            return decode(record, self._pool, self._receiver)
+            return decode(record, self._pool, self._receiver, self._held)
         except posix_ipc.ExistentialError:  # its producer died and its slots are gone
-            self._pool.release_record(record, self._receiver)
+            self._release(record)
             return EMPTY
 
 
 class RemoteTarget:
     """The producer's end of one ShmRing: the ring, its consumer's doorbell and index."""
 
-    def __init__(self, ring: ShmRing, bell: Doorbell, receiver: int, pool: Optional[Pool]) -> None:
+    def __init__(self, ring: "ShmRing | LatestRing", bell: Doorbell, receiver: int, pool: Optional[Pool]) -> None:
         self.ring = ring
         self.bell = bell
         self.receiver = receiver
         self.pool = pool
 
     def on_drop(self, record: bytes) -> None:
-        """A record of this receiver's was dropped unread: release its pool slots."""
-        self.pool.release_record(record, self.receiver)
+        """A record of this receiver's was dropped unread: its pool slots are free for it."""
+        self.pool.reclaim(record, self.receiver)
 
 
 class WireSender:
     """Sends one routine's outputs over one wire to all of its destinations.
 
     A destination in a flow with replicas has one target per replica, a group in
-    ``replicated``: each message goes to the one ``choose(group, message)`` picks.
-    Where the wire enters a replicated stage, ``entry`` (a number unique in the pipe, < 2**24)
+    ``replicated``: each message goes to the one ``choose(group, message)`` picks
+    (the pool slots it uses are reclaimed at once for the other replicas). Where the
+    wire enters a replicated stage, ``entry`` (a number unique in the pipe, < 2**24)
     stamps every message with this sender's stream and a sequence number, which the
     replica's outputs carry on to an ordered merge.
     """
@@ -593,6 +859,7 @@ class WireSender:
         self._local = list(local)
         self._remote = list(remote)
         self._pool = pool
+        self._encoder = _Encoder(pool) if pool is not None else None
         self._replicated = [list(group) for group in replicated]
         self._choose = choose
         self._entry = entry
@@ -601,11 +868,14 @@ class WireSender:
     def allocate(self, shape: Tuple[int, ...], dtype: np.dtype,
                  should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
         """A writable array in this wire's pool (None if the wire has no pool or it is full)."""
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if self._pool is None or size < OOB_MIN:
+        dtype = np.dtype(dtype)
+        count = 1
+        for n in shape:
+            count *= n
+        if self._pool is None or count * dtype.itemsize < OOB_MIN:
             return None
-        buffer = self._pool.allocate(size, self._block, should_stop)
-        return None if buffer is None else np.frombuffer(buffer, dtype=dtype).reshape(shape)
+        base = self._pool.allocate(count * dtype.itemsize, self._block, should_stop)
+        return None if base is None else base.view(dtype).reshape(shape)
 
     def send(self, obj: object, stamp: float, should_stop: Callable[[], bool], meta: Meta = None) -> None:
         """Send ``obj``, produced by its source at ``stamp`` (``time.time()``), to every destination,
@@ -613,13 +883,17 @@ class WireSender:
         if self._entry is not None:
             meta = ((_pid[0] << 24) | self._entry, self._seq)
             self._seq += 1
-        remote, held = self._remote, None
+        remote = self._remote
         if self._replicated:
-            remote = remote + [self._choose(group, obj) for group in self._replicated]
-            if self._pool is not None:
-                held = self._pool.holders([target.receiver for target in remote])
+            chosen = [self._choose(group, obj) for group in self._replicated]
+            remote = remote + chosen
         if remote:
-            record = encode(obj, stamp, self._pool, self._block, should_stop, self._routine, meta, held)
+            record = encode(obj, stamp, self._pool, self._block, should_stop, self._routine, self._encoder, meta)
+            if record is not None and self._replicated and self._pool is not None:
+                for group, target in zip(self._replicated, chosen):  # the other replicas never get it
+                    for other in group:
+                        if other is not target:
+                            self._pool.reclaim(record, other.receiver)
             for target in remote:
                 if record is None:
                     target.ring.count_drop()

@@ -105,7 +105,8 @@ def daemons(tmp_path):
         if api:
             flags += ["--api", f"127.0.0.1:{free_port()}"]
         log = str(tmp_path / f"events{len(started)}.jsonl")
-        daemon = Daemon(pipert_command() + ["run", f"{TARGET}:{target}", *flags], str(cwd or tmp_path),
+        spec = target if ":" in target else f"{TARGET}:{target}"  # another file's factory: path/to/file.py:name
+        daemon = Daemon(pipert_command() + ["run", spec, *flags], str(cwd or tmp_path),
                         clean_env(CONTROL_TARGET_LOG=log), log)
         started.append(daemon)
         return daemon.wait_ready() if wait else daemon
@@ -219,8 +220,9 @@ def test_python_client_targets_events_and_reads_status(daemons, rpc_clients):
     assert {(w["source"], w["destination"]) for w in status["wires"]} == {("ticker", "relay"), ("relay", "sink")}
     assert all(isinstance(w["depth"], int) and isinstance(w["dropped"], int) for w in status["wires"])
     assert all(f["alive"] and f["pid"] in daemon.pids for f in status["flows"].values())
-    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"], "params": {}} in \
-        client.structure()["Routines"]
+    assert {"flow_name": "f1", "routine_name": "ticker", "events": ["FAIL", "PING", "SLOW"], "params": {},
+            "event_params": {"FAIL": [], "PING": [{"name": "value", "required": False, "default": None}],
+                             "SLOW": [{"name": "seconds", "required": True}]}} in client.structure()["Routines"]
 
     assert client.pause()["event"] == "stop"
     wait_for(lambda: {r["state"] for r in client.status()["routines"].values()} == {"stopped"})

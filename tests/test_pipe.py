@@ -113,7 +113,7 @@ def _pipe_with_two_flows(make_pipe, tmp_path):
     log = str(tmp_path / "events.jsonl")
     pipe = make_pipe()
     first, second, third = EventLog(log, "first"), EventLog(log, "second"), EventLog(log, "third")
-    sink1, sink2 = Recorder(str(tmp_path / "sink1")), Recorder(str(tmp_path / "sink2"))
+    sink1, sink2 = Recorder(str(tmp_path / "sink1"), "sink1"), Recorder(str(tmp_path / "sink2"), "sink2")
     pipe.create_flow("f1", False, first, second, sink1)
     pipe.create_flow("f2", False, third, sink2)
     pipe.link(Wire(source=first, destinations=(sink1,)), Wire(source=second, destinations=(sink1,)),
@@ -280,7 +280,12 @@ def test_structure_lists_routines_and_custom_events(make_pipe, tmp_path):
     structure = pipe.structure()
     assert structure["Events"] == ["start", "stop", "kill"]
     assert {"flow_name": "f1", "routine_name": "first", "events": ["FORWARD", "PING"],
+            "event_params": {"FORWARD": [{"name": "target_flow", "required": True},
+                                         {"name": "target_routine", "required": True}],
+                             "PING": [{"name": "value", "required": False, "default": None}]},
             "params": {}} in structure["Routines"]
+    assert [(w["source"], w["destination"], w["policy"], w["depth"]) for w in structure["Wires"]] == \
+        [("first", "sink1", "latest", 1), ("second", "sink1", "latest", 1), ("third", "sink2", "latest", 1)]
     assert [r["routine_name"] for r in structure["Routines"]] == \
         ["first", "second", pipe.flows["f1"].routines[2].name, "third", pipe.flows["f2"].routines[1].name]
     pipe.join(to_kill=True)
