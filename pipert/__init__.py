@@ -15,7 +15,8 @@ from .wire import Wire
 
 __all__ = [
     "APIWrapper", "BuildError", "ClusterError", "DestinationRoutine", "EventError", "EventResult", "FrameFilter",
-    "KILL_EVENT_NAME", "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Param", "ParamError", "Pipe", "PipeError", "PipelineFileError",
-    "RPCPipeWrapper", "RegistryError", "Routine", "START_EVENT_NAME", "STOP_EVENT_NAME", "SourceRoutine",
-    "TransportError", "Wire", "check_pipeline", "events", "get_socket_logger", "load_pipeline", "register",
+    "KILL_EVENT_NAME", "MiddleRoutine", "PIPE_INFRASTRUCTURE", "Param", "ParamError", "Pipe", "PipeError",
+    "PipelineFileError", "RPCPipeWrapper", "RegistryError", "Routine", "START_EVENT_NAME", "STOP_EVENT_NAME",
+    "SourceRoutine", "TransportError", "Wire", "check_pipeline", "events", "get_socket_logger", "load_pipeline",
+    "register",
 ]
