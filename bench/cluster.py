@@ -23,6 +23,8 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The local cluster stays on loopback: Ray takes 127.0.0.1 as the node address (read at import).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, os.path.dirname(HERE))
 
 from pipert import DestinationRoutine, MiddleRoutine, Pipe, SourceRoutine, Wire  # noqa: E402

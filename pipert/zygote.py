@@ -35,7 +35,7 @@ class Zygote:
 
     def __init__(self, pipe_id: str, run_flow: Callable[[str, int], None], detach: bool = False) -> None:
         """``detach`` (in a Ray node agent): the zygote is a grandchild, so that when Ray kills the
-        agent and its children (the driver died), the zygote lives on to end the flows and free the
+        agent and its children or its process group (the driver died), the zygote lives on to end the flows and free the
         node's shared memory."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
@@ -43,8 +43,10 @@ class Zygote:
             ours.close()
             code = 0
             try:
-                if detach and os.fork():
-                    os._exit(0)
+                if detach:
+                    if os.fork():
+                        os._exit(0)
+                    os.setsid()  # out of the agent's process group too, which Ray may kill as a whole
                 _serve(theirs, pipe_id, run_flow)
             except BaseException:
                 code = 1

@@ -7,6 +7,9 @@ import uuid
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Ray's local test clusters on loopback only: with this, Ray takes 127.0.0.1 as the node
+# address (read when ray is imported) instead of the machine's network address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from helpers import living  # noqa: E402
 from pipert import Pipe, shm  # noqa: E402
