@@ -299,7 +299,7 @@ class APIWrapper:
     def _metrics(self, extra_args: Dict[str, Any]) -> Reply:
         self._no_arguments("/metrics", extra_args)
         body, content_type = exposition(self.control.pipe)
-        return Reply(content_type, lambda environ: [body], [("Content-Length", str(len(body)))])
+        return Reply.fixed(content_type, body)
 
     def _healthz(self, extra_args: Dict[str, Any]) -> Dict[str, Any]:
         return {"status": "serving", "pipe": self.control.pipe.id}
@@ -307,8 +307,7 @@ class APIWrapper:
     def _readyz(self, extra_args: Dict[str, Any]) -> Reply:
         reasons = readiness(self.control.pipe)
         body = json.dumps({"ready": not reasons, "reasons": reasons}).encode("utf-8")
-        return Reply("application/json", lambda environ: [body], [("Content-Length", str(len(body)))],
-                     status=503 if reasons else 200)
+        return Reply.fixed("application/json", body, status=503 if reasons else 200)
 
     def _execute_routine(self, extra_args: Dict[str, Any], event: str, routine: str) -> Dict[str, Any]:
         return self.control.send(event, {self.control.flow_of(routine): [routine]}, extra_args)

@@ -73,6 +73,12 @@ class Reply:
         self.headers = list(headers)
         self.status = status
 
+    @classmethod
+    def fixed(cls, content_type: str, data: bytes, headers: Iterable[Tuple[str, str]] = (),
+              status: int = 200) -> "Reply":
+        """A reply whose body is known in full: ``data``, with its Content-Length."""
+        return cls(content_type, lambda environ: [data], [*headers, ("Content-Length", str(len(data)))], status)
+
     def send(self, environ: Dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         body = self.body(environ)
         start_response(f"{self.status} {http.HTTPStatus(self.status).phrase}",
@@ -170,7 +176,7 @@ class Dashboard:
         if name not in _ASSETS:
             raise ControlError(f"the dashboard has no file {name!r}; it has {sorted(_ASSETS)}", 404)
         data = importlib.resources.files(__package__).joinpath("static", name).read_bytes()
-        return Reply(_ASSETS[name], lambda environ: [data], _PAGE_HEADERS + [("Content-Length", str(len(data)))])
+        return Reply.fixed(_ASSETS[name], data, _PAGE_HEADERS)
 
     # ----- the stream -----
 
