@@ -8,8 +8,8 @@ listener). Each scenario runs as its own subprocess, bench/<impl>_scenarios.py
 with that implementation's interpreter; each prints one ``BENCH_RESULT`` JSON
 line. Scenarios:
   small   a dict {counter, ts, tag} from a source process to a destination process
-  frame   a 1080x1920x3 uint8 frame, stamped (counter at three places, checksum of
-          a sample) in the transport's own shared memory where it has one
+  frame   a 1080x1920x3 uint8 frame, stamped (the counter at three places; with
+          --fill full also a checksum of a sample) in the transport's own shared memory where it has one
           (pipert: Routine.shared_array; iceoryx2/dora: a loaned buffer), in a
           plain array otherwise (PipeRT 2)
   fanout  the same frame to 3 destination processes
