@@ -27,6 +27,7 @@ import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import posix_ipc
 
 from .transport import Doorbell, Pool, assemble, split
@@ -222,7 +223,7 @@ class _BridgeIn(threading.Thread):
     def _deliver(self, body: memoryview, sizes: List[int], stamp: float, meta: Optional[Tuple[int, int]]) -> None:
         slots, refs = [], []
         for size in sizes:
-            slot = self._pool.allocate(size, self._block, self._stop)
+            slot = self._pool.allocate((size,), np.uint8, self._block, self._stop)
             if slot is None:  # the pool is full under latest: read the buffer off the stream and drop it
                 if len(self._scratch) < size:
                     self._scratch = bytearray(size)

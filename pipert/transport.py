@@ -485,8 +485,12 @@ class Pool:
 
     Who still uses a slot is known without finalizers: every array handed out (the
     producer's from ``allocate``, a receiver's from ``decode``) is a view of a uint8
-    array made for that one use, and numpy views keep that array as their ``base``,
-    so its reference count says whether any array of that use is alive.
+    *base* array over that place, and numpy views keep that array as their ``base``,
+    so the reference counts of the array and its base say whether anything of it is
+    alive. Both arrays are made once per place, shape and dtype and handed out again
+    at the next use (a slot is reused only once its last use is over): building numpy
+    arrays is the costliest step of a message that arrives at an idle pipeline, when
+    the CPU's caches have gone cold.
     """
 
     def __init__(self, pipe_id: str, tag: str, slots: int, receivers: int) -> None:
@@ -500,10 +504,12 @@ class Pool:
         self._released = shm.create_semaphore(shm.name(pipe_id, pid, f"released{tag}"), 0)
         self._reclaimed: Dict[Tuple[int, int], int] = {}  # owner: (slot, receiver) -> stamp it reclaimed
         self._segments: Dict[int, Tuple[int, int, mmap.mmap, memoryview]] = {}  # slot -> gen, capacity, map, view
-        self._owned: Dict[int, np.ndarray] = {}  # slot -> the base of the producer's own arrays (``allocate``)
-        self._owned_ids: Dict[int, int] = {}  # id of that base -> slot
+        self._owned: Dict[int, Tuple[np.ndarray, np.ndarray, tuple]] = {}  # slot -> base, array, its layout
+        self._owned_ids: Dict[int, int] = {}  # id of such a base -> slot
+        self._layouts: Dict[Tuple[Tuple[int, ...], Any], Tuple[np.dtype, int]] = {}  # (shape, dtype) -> dtype, bytes
         self._next = 0
         self._views: Dict[Tuple[int, int], Tuple[int, mmap.mmap, memoryview]] = {}  # receiver's mappings
+        self._arrays: Dict[tuple, Tuple[np.ndarray, np.ndarray]] = {}  # receiver: place and layout -> base, array
 
     def _segment_name(self, pid: int, slot: int, gen: int) -> str:
         return shm.name(self._pipe_id, pid, f"w{self._tag}s{slot}g{gen}")
@@ -524,13 +530,15 @@ class Pool:
                    for i in range(self._receivers))
 
     def _producer_uses(self, slot: int) -> bool:
-        """True while an array from ``allocate`` in ``slot`` is alive (refs: the dict, the argument)."""
-        if slot not in self._owned:
-            return False
-        if sys.getrefcount(self._owned[slot]) > 2:
-            return True
-        del self._owned_ids[id(self._owned.pop(slot))]
-        return False
+        """True while an array from ``allocate`` in ``slot``, or a view of it, is alive."""
+        owned = self._owned.get(slot)
+        return owned is not None and _in_use(owned)
+
+    def _forget(self, slot: int) -> None:
+        """Drop the producer's arrays of ``slot`` (its segment is about to be replaced)."""
+        owned = self._owned.pop(slot, None)
+        if owned is not None:
+            del self._owned_ids[id(owned[0])]
 
     def _find_free(self) -> Optional[int]:
         for k in range(self._slots):
@@ -554,6 +562,7 @@ class Pool:
         gen, capacity, mm, view = self._segments.get(slot, (0, 0, None, None))
         if capacity < size:
             if mm is not None:
+                self._forget(slot)
                 view.release()
                 mm.close()
                 posix_ipc.unlink_shared_memory(self._segment_name(os.getpid(), slot, gen))
@@ -571,16 +580,34 @@ class Pool:
         _U32.pack_into(self._hdr, off, stamp)
         return _REF.pack(slot, self._segments[slot][0], stamp, offset, size)
 
-    def allocate(self, size: int, block: bool, should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
-        """A writable uint8 array over a slot, kept from reuse while it or any view of it lives
-        (numpy views keep this array as their ``base``)."""
+    def allocate(self, shape: Tuple[int, ...], dtype: Any, block: bool,
+                 should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
+        """A writable array over a slot, kept from reuse while it or any view of it lives; None
+        if it is smaller than ``OOB_MIN`` (it would travel inline) or the pool is full under
+        ``latest``. A slot gives the same array object again at its next use."""
+        layout = self._layouts.get((shape, dtype))
+        if layout is None:
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            described = np.dtype(dtype)
+            size = described.itemsize
+            for n in shape:
+                size *= n
+            layout = self._layouts[(shape, dtype)] = (described, size)
+        described, size = layout
+        if size < OOB_MIN:
+            return None
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
-        array = np.frombuffer(self._segments[slot][3], np.uint8, size)
-        self._owned[slot] = array
-        self._owned_ids[id(array)] = slot
-        return array
+        key = (self._segments[slot][0], shape, described)
+        owned = self._owned.get(slot)
+        if owned is None or owned[2] != key:
+            self._forget(slot)
+            base = np.frombuffer(self._segments[slot][3], np.uint8, size)
+            owned = self._owned[slot] = (base, base.view(described).reshape(shape), key)
+            self._owned_ids[id(base)] = slot
+        return owned[1]
 
     def store(self, array: np.ndarray, block: bool, should_stop: Callable[[], bool]) -> Optional[bytes]:
         """Reference ``array`` in the pool, held by every receiver: in place if it lies in an
@@ -588,11 +615,13 @@ class Pool:
         copy, whatever its layout). None if the pool is full under ``latest``."""
         size = array.nbytes
         slot = self._owned_ids.get(id(array.base))
-        if slot is not None and array.flags.c_contiguous and self._released_by_all(slot):
-            base = self._owned[slot]
-            offset = 0 if size == base.nbytes else \
-                array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-            return self._hold(slot, offset, size)
+        if slot is not None and self._released_by_all(slot):
+            base, whole, _ = self._owned[slot]
+            if array is whole:
+                return self._hold(slot, 0, size)
+            if array.flags.c_contiguous:
+                return self._hold(slot, array.__array_interface__["data"][0] - base.__array_interface__["data"][0],
+                                  size)
         slot = self._take(size, block, should_stop)
         if slot is None:
             return None
@@ -636,7 +665,7 @@ class Pool:
             self._reclaimed[(slot, receiver)] = stamp
 
     def view(self, pid: int, slot: int, gen: int, offset: int, size: int) -> np.ndarray:
-        """A read-only uint8 array of ``size`` bytes of a producer's slot, made for one use."""
+        """A read-only uint8 array of ``size`` bytes of a producer's slot."""
         cached = self._views.get((pid, slot))
         if cached is None or cached[0] != gen:
             if len(self._views) >= 4 * self._slots:
@@ -646,16 +675,37 @@ class Pool:
             self._views[(pid, slot)] = cached
         return np.frombuffer(cached[2], np.uint8, size, offset)
 
-    def sweep(self, held: List[Tuple[np.ndarray, int, int]], receiver: int) -> None:
-        """Release the slots of ``held`` uses (base, slot, stamp) whose arrays are all gone
-        (references left: the list's tuple and the argument)."""
+    def array(self, pid: int, ref: Tuple[int, int, int, int, int], dtype: Any, shape: Tuple[int, ...],
+              held: List[Tuple[Tuple[np.ndarray, np.ndarray], int, int]]) -> np.ndarray:
+        """Receiver side: the read-only array a reference ``ref`` (slot, generation, use stamp,
+        offset, bytes) of producer ``pid`` stands for; its use is added to ``held``."""
+        slot, gen, stamp, offset, size = ref
+        key = (pid, slot, gen, offset, size, dtype, shape)
+        arrays = self._arrays.get(key)
+        if arrays is None:
+            if len(self._arrays) >= 4 * self._slots:
+                self._arrays.clear()  # a dead producer's, or layouts gone out of use; held uses keep theirs
+            base = self.view(pid, slot, gen, offset, size)
+            arrays = self._arrays[key] = (base, base.view(dtype).reshape(shape))
+        held.append((arrays, slot, stamp))
+        return arrays[1]
+
+    def sweep(self, held: List[Tuple[Tuple[np.ndarray, np.ndarray], int, int]], receiver: int) -> None:
+        """Release the slots of ``held`` uses ((base, array), slot, stamp) whose arrays are all gone."""
         alive = []
         for use in held:
-            if sys.getrefcount(use[0]) > 2:
+            if _in_use(use[0]):
                 alive.append(use)
             else:
                 self.release(use[1], receiver, use[2])
         held[:] = alive
+
+
+def _in_use(arrays: Tuple[np.ndarray, ...]) -> bool:
+    """Whether anything but ``arrays`` (a base and the array made over it) holds either one: the
+    base is held by the tuple, the array's ``base`` and the argument; the array by the tuple and
+    the argument; numpy views of either add to the base."""
+    return sys.getrefcount(arrays[0]) > 3 or sys.getrefcount(arrays[1]) > 2
 
 
 def _refs(record: bytes) -> List[Tuple[int, int, int, int, int]]:
@@ -667,12 +717,13 @@ class _PoolFull(Exception):
     """The pool had no free slot under ``latest``: the message is dropped."""
 
 
-_decoding = threading.local()  # .bases: the per-use arrays of the message being unpickled in this thread
+_decoding = threading.local()  # .pool, .pid, .refs, .held: the message being unpickled in this thread
 
 
 def _slot_array(index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
-    """Stands for an array in the pool inside a pickle: a view of the message's ``index``-th base."""
-    return _decoding.bases[index].view(dtype).reshape(shape)
+    """Stands for an array in the pool inside a pickle: the message's ``index``-th reference."""
+    decoding = _decoding
+    return decoding.pool.array(decoding.pid, decoding.refs[index], dtype, shape, decoding.held)
 
 
 class _Encoder(pickle.Pickler):
@@ -762,25 +813,23 @@ def record_meta(record: bytes) -> Meta:
 
 
 def decode(record: bytes, pool: Optional[Pool], receiver: int,
-           held: Optional[List[Tuple[np.ndarray, int, int]]] = None) -> Tuple[float, object]:
+           held: List[Tuple[Tuple[np.ndarray, np.ndarray], int, int]]) -> Tuple[float, object]:
     """``(source time, object)`` of ``record``; the object's large arrays are read-only views of the
     pool. Each use of a pool slot is added to ``held`` (``Pool.sweep`` releases it once its arrays
-    are gone)."""
+    are gone); if decoding fails, the record's slots are released at once."""
     _, pid, count, source_time, _, _ = _MSG.unpack_from(record, 0)
     if not count:
         return source_time, pickle.loads(memoryview(record)[_MSG.size:])
-    bases = []
-    for i in range(count):
-        slot, gen, stamp, offset, size = _REF.unpack_from(record, _MSG.size + i * _REF.size)
-        base = pool.view(pid, slot, gen, offset, size)
-        if held is not None:
-            held.append((base, slot, stamp))
-        bases.append(base)
-    _decoding.bases = bases
+    decoding = _decoding
+    decoding.pool, decoding.pid, decoding.held = pool, pid, held
+    decoding.refs = [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
     try:
         return source_time, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:])
+    except BaseException:
+        pool.release_record(record, receiver)
+        raise
     finally:
-        _decoding.bases = None
+        decoding.refs = decoding.held = None
 
 
 _pid = [os.getpid()]
@@ -801,7 +850,7 @@ class RingReader:
         self._pool = pool
         self._receiver = receiver
         self._taken: collections.deque = collections.deque()
-        self._held: List[Tuple[np.ndarray, int, int]] = []
+        self._held: List[Tuple[Tuple[np.ndarray, np.ndarray], int, int]] = []
         self.meta: Meta = None
 
     def _release(self, record: bytes) -> None:
@@ -820,7 +869,6 @@ class RingReader:
         try:
             return decode(record, self._pool, self._receiver, self._held)
         except posix_ipc.ExistentialError:  # its producer died and its slots are gone
-            self._release(record)
             return EMPTY
 
 
@@ -867,15 +915,11 @@ class WireSender:
 
     def allocate(self, shape: Tuple[int, ...], dtype: np.dtype,
                  should_stop: Callable[[], bool]) -> Optional[np.ndarray]:
-        """A writable array in this wire's pool (None if the wire has no pool or it is full)."""
-        dtype = np.dtype(dtype)
-        count = 1
-        for n in shape:
-            count *= n
-        if self._pool is None or count * dtype.itemsize < OOB_MIN:
+        """A writable array in this wire's pool (None if the wire has no pool, the array is small
+        or the pool is full)."""
+        if self._pool is None:
             return None
-        base = self._pool.allocate(count * dtype.itemsize, self._block, should_stop)
-        return None if base is None else base.view(dtype).reshape(shape)
+        return self._pool.allocate(shape, dtype, self._block, should_stop)
 
     def send(self, obj: object, stamp: float, should_stop: Callable[[], bool], meta: Meta = None) -> None:
         """Send ``obj``, produced by its source at ``stamp`` (``time.time()``), to every destination,
