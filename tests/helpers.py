@@ -1,10 +1,12 @@
 """Routines, waits and process helpers shared by the tests; results cross processes through files."""
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -21,6 +23,18 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def read_line(stream, timeout=60.0):
+    """The next line of a child's ``stream``, read in a thread so that a child that neither writes
+    nor exits fails the test after ``timeout`` s instead of hanging it (with Ray's threads in the
+    test process, pytest-timeout's SIGALRM may not interrupt a blocking read)."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line from the child within {timeout} s") from None
 
 
 def free_port():

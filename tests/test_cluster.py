@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Counter, Recorder, descendants, living, read_lines, wait_for
+from helpers import Counter, Recorder, descendants, living, read_line, read_lines, wait_for
 from pipert import BuildError, ClusterError, MiddleRoutine, Pipe, SourceRoutine, Wire, events, shm
 
 ray = pytest.importorskip("ray")
@@ -214,7 +214,7 @@ def test_daemon_killed_leaves_no_flow_and_no_shared_memory_on_any_node(cluster):
     script = _DRIVER.format(tests=os.path.dirname(__file__), address=cluster.address)
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        pipe_id, *pids = driver.stdout.readline().split()
+        pipe_id, *pids = read_line(driver.stdout).split()
         pids = [int(p) for p in pids]
         assert living(pids) and [e for e in shm.leftovers() if f"_{pipe_id}_" in e]
         driver.kill()
@@ -291,7 +291,7 @@ def test_pipert_run_cluster_serves_http_and_stops_on_sigterm(cluster, tmp_path):
     try:
         lines = []
         while "ready" not in (lines[-1] if lines else ""):
-            line = daemon.stdout.readline()
+            line = read_line(daemon.stdout)
             assert line, "".join(lines)
             lines.append(line.strip())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as reply:
