@@ -25,16 +25,21 @@ def wait_for(predicate, timeout=10.0, interval=0.02):
     raise AssertionError(f"condition not met within {timeout} s")
 
 
-def read_line(stream, timeout=60.0):
-    """The next line of a child's ``stream``, read in a thread so that a child that neither writes
-    nor exits fails the test after ``timeout`` s instead of hanging it (with Ray's threads in the
-    test process, pytest-timeout's SIGALRM may not interrupt a blocking read)."""
-    lines = queue.Queue()
-    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
+def within(call, timeout, what):
+    """``call()``'s result, run in a thread, so that a call that blocks in C code for good (a read
+    from a child that neither writes nor exits, a Ray GCS query) fails the test after ``timeout``
+    s: with Ray's threads in the test process, pytest-timeout's SIGALRM may not interrupt it."""
+    results = queue.Queue()
+    threading.Thread(target=lambda: results.put(call()), daemon=True).start()
     try:
-        return lines.get(timeout=timeout)
+        return results.get(timeout=timeout)
     except queue.Empty:
-        raise AssertionError(f"no line from the child within {timeout} s") from None
+        raise AssertionError(f"{what} did not answer within {timeout} s") from None
+
+
+def read_line(stream, timeout=60.0):
+    """The next line of a child's ``stream``, failing the test after ``timeout`` s."""
+    return within(stream.readline, timeout, "the child's output")
 
 
 def free_port():

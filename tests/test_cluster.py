@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import Counter, Recorder, descendants, living, read_line, read_lines, wait_for
+from helpers import Counter, Recorder, descendants, living, read_line, read_lines, wait_for, within
 from pipert import BuildError, ClusterError, MiddleRoutine, Pipe, SourceRoutine, Wire, events, shm
 
 ray = pytest.importorskip("ray")
@@ -55,7 +55,9 @@ def cluster():
 
 
 def node_with(resource):
-    return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(resource)][0]
+    """The id of a live node with ``resource`` (``ray.nodes()`` once hung for good in a full run)."""
+    nodes = within(ray.nodes, 20, "ray.nodes()")
+    return [n["NodeID"] for n in nodes if n["Alive"] and n["Resources"].get(resource)][0]
 
 
 class Where(MiddleRoutine):
@@ -284,6 +286,7 @@ def test_pipert_run_cluster_serves_http_and_stops_on_sigterm(cluster, tmp_path):
     from helpers import clean_env, free_port, pipert_command
 
     out, app, port = tmp_path / "out.jsonl", tmp_path / "app.py", free_port()
+    camera = node_with("camera")  # asked before a second driver attaches to the cluster
     app.write_text(_APP.format(tests=os.path.dirname(__file__), out=str(out)))
     daemon = subprocess.Popen(pipert_command() + ["run", f"{app}:make_pipe", "--cluster", cluster.address, "--api",
                                                   f"127.0.0.1:{port}", "--start"],
@@ -296,7 +299,7 @@ def test_pipert_run_cluster_serves_http_and_stops_on_sigterm(cluster, tmp_path):
             lines.append(line.strip())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as reply:
             status = json.load(reply)
-        assert status["flows"]["capture"]["node"]["node_id"] == node_with("camera")
+        assert status["flows"]["capture"]["node"]["node_id"] == camera
         wait_for(lambda: len(read_lines(out)) > 5, timeout=20)
         pids = [f["pid"] for f in status["flows"].values()]
         daemon.send_signal(signal.SIGTERM)
