@@ -726,21 +726,9 @@ def _slot_array(index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
     return pool.array(pid, _REF.unpack_from(record, _MSG.size + index * _REF.size), dtype, shape, held)
 
 
-_CODES: Dict[int, Tuple[np.dtype, Any]] = {}  # id of a dtype -> (the dtype, how it travels; None: it cannot)
-
-
-def _pool_code(array: np.ndarray) -> Any:
-    """How the dtype of ``array`` travels if the array goes through the pool (it has at least
-    ``OOB_MIN`` bytes and no Python objects), else None. Kept per dtype object: reading a dtype's
-    attributes is a slow step of a message sent by a process that has been idle."""
-    dtype = array.dtype
-    known = _CODES.get(id(dtype))
-    if known is None or known[0] is not dtype:
-        if len(_CODES) >= 64:
-            _CODES.clear()
-        code = None if dtype.hasobject else dtype.str if dtype.names is None and dtype.subdtype is None else dtype
-        known = _CODES[id(dtype)] = (dtype, code)
-    return known[1] if array.nbytes >= OOB_MIN else None
+def _poolable(obj: Any) -> bool:
+    """Whether ``obj`` travels through the pool: a numpy array of at least ``OOB_MIN`` bytes."""
+    return type(obj) is np.ndarray and obj.nbytes >= OOB_MIN and not obj.dtype.hasobject
 
 
 class _Encoder(pickle.Pickler):
@@ -762,19 +750,19 @@ class _Encoder(pickle.Pickler):
         self._block = True
         self._should_stop: Callable[[], bool] = bool
 
-    def _place(self, array: np.ndarray, code: Any) -> Tuple[int, Any, Tuple[int, ...]]:
-        """Put ``array`` in the pool: (its reference's index, dtype ``code``, shape)."""
+    def _place(self, array: np.ndarray) -> Tuple[int, Any, Tuple[int, ...]]:
+        """Put ``array`` in the pool: (its reference's index, dtype, shape)."""
         ref = self._pool.store(array, self._block, self._should_stop)
         if ref is None:
             raise _PoolFull()
         self._refs.append(ref)
-        return len(self._refs) - 1, code, array.shape
+        dtype = array.dtype.str if array.dtype.names is None and array.dtype.subdtype is None else array.dtype
+        return len(self._refs) - 1, dtype, array.shape
 
     def reducer_override(self, obj: Any) -> Any:
-        code = _pool_code(obj) if type(obj) is np.ndarray else None
-        if code is None:
+        if not _poolable(obj):
             return NotImplemented
-        return _slot_array, self._place(obj, code)
+        return _slot_array, self._place(obj)
 
     def encode(self, obj: object, block: bool, should_stop: Callable[[], bool]) -> Tuple[bytes, List[bytes]]:
         """(pickled body, pool references) of ``obj``."""
@@ -787,10 +775,8 @@ class _Encoder(pickle.Pickler):
             placements = []
             if type(obj) is dict:
                 for key, value in obj.items():
-                    if type(value) is np.ndarray:
-                        code = _pool_code(value)
-                        if code is not None:
-                            placements.append((key, *self._place(value, code)))
+                    if type(value) is np.ndarray and _poolable(value):
+                        placements.append((key, *self._place(value)))
                 if placements:
                     obj = dict(obj)
                     for placement in placements:
