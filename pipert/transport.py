@@ -717,30 +717,19 @@ class _PoolFull(Exception):
     """The pool had no free slot under ``latest``: the message is dropped."""
 
 
-_decoding = threading.local()  # .record: (pool, producer pid, record, held) of the message being unpickled
+_decoding = threading.local()  # .pool, .pid, .refs, .held: the message being unpickled in this thread
 
 
 def _slot_array(index: int, dtype: Any, shape: Tuple[int, ...]) -> np.ndarray:
     """Stands for an array in the pool inside a pickle: the message's ``index``-th reference."""
-    pool, pid, record, held = _decoding.record
-    return pool.array(pid, _REF.unpack_from(record, _MSG.size + index * _REF.size), dtype, shape, held)
-
-
-def _poolable(obj: Any) -> bool:
-    """Whether ``obj`` travels through the pool: a numpy array of at least ``OOB_MIN`` bytes."""
-    return type(obj) is np.ndarray and obj.nbytes >= OOB_MIN and not obj.dtype.hasobject
+    decoding = _decoding
+    return decoding.pool.array(decoding.pid, decoding.refs[index], dtype, shape, decoding.held)
 
 
 class _Encoder(pickle.Pickler):
     """Pickles one message per ``encode``: numpy arrays of at least ``OOB_MIN`` bytes go to
     the pool (in place if they were allocated there) and travel as a small reference.
-    Other objects, large ``bytes`` too, travel inline (up to the ring's capacity).
-
-    The body of a record is ``(message, placements)``: the arrays that are values of a
-    message that is a dict are taken out (None in their place) and listed as (key,
-    reference index, dtype, shape), so the common message, a dict holding a frame, is
-    pickled without a Python callback or a global and rebuilt without one; arrays deeper
-    in the message are reduced to ``_slot_array`` calls."""
+    Other objects, large ``bytes`` too, travel inline (up to the ring's capacity)."""
 
     def __init__(self, pool: Pool) -> None:
         self._file = io.BytesIO()
@@ -750,19 +739,15 @@ class _Encoder(pickle.Pickler):
         self._block = True
         self._should_stop: Callable[[], bool] = bool
 
-    def _place(self, array: np.ndarray) -> Tuple[int, Any, Tuple[int, ...]]:
-        """Put ``array`` in the pool: (its reference's index, dtype, shape)."""
-        ref = self._pool.store(array, self._block, self._should_stop)
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is not np.ndarray or obj.nbytes < OOB_MIN or obj.dtype.hasobject:
+            return NotImplemented
+        ref = self._pool.store(obj, self._block, self._should_stop)
         if ref is None:
             raise _PoolFull()
         self._refs.append(ref)
-        dtype = array.dtype.str if array.dtype.names is None and array.dtype.subdtype is None else array.dtype
-        return len(self._refs) - 1, dtype, array.shape
-
-    def reducer_override(self, obj: Any) -> Any:
-        if not _poolable(obj):
-            return NotImplemented
-        return _slot_array, self._place(obj)
+        dtype = obj.dtype.str if obj.dtype.names is None and obj.dtype.subdtype is None else obj.dtype
+        return _slot_array, (len(self._refs) - 1, dtype, obj.shape)
 
     def encode(self, obj: object, block: bool, should_stop: Callable[[], bool]) -> Tuple[bytes, List[bytes]]:
         """(pickled body, pool references) of ``obj``."""
@@ -772,16 +757,7 @@ class _Encoder(pickle.Pickler):
         file.seek(0)
         file.truncate()
         try:
-            placements = []
-            if type(obj) is dict:
-                for key, value in obj.items():
-                    if type(value) is np.ndarray and _poolable(value):
-                        placements.append((key, *self._place(value)))
-                if placements:
-                    obj = dict(obj)
-                    for placement in placements:
-                        obj[placement[0]] = None
-            self.dump((obj, placements))
+            self.dump(obj)
         except BaseException:
             for ref in refs:
                 self._pool.unstore(ref)
@@ -798,7 +774,7 @@ def encode(obj: object, stamp: float, pool: Optional[Pool], block: bool, should_
     reused) saves making a pickler per message."""
     try:
         if pool is None:
-            body, refs = pickle.dumps((obj, ()), protocol=5), []
+            body, refs = pickle.dumps(obj, protocol=5), []
         else:
             body, refs = (encoder or _Encoder(pool)).encode(obj, block, should_stop)
     except _PoolFull:
@@ -843,19 +819,17 @@ def decode(record: bytes, pool: Optional[Pool], receiver: int,
     are gone); if decoding fails, the record's slots are released at once."""
     _, pid, count, source_time, _, _ = _MSG.unpack_from(record, 0)
     if not count:
-        return source_time, pickle.loads(memoryview(record)[_MSG.size:])[0]
+        return source_time, pickle.loads(memoryview(record)[_MSG.size:])
     decoding = _decoding
-    decoding.record = (pool, pid, record, held)
+    decoding.pool, decoding.pid, decoding.held = pool, pid, held
+    decoding.refs = [_REF.unpack_from(record, _MSG.size + i * _REF.size) for i in range(count)]
     try:
-        obj, placements = pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:])
-        for key, index, dtype, shape in placements:
-            obj[key] = pool.array(pid, _REF.unpack_from(record, _MSG.size + index * _REF.size), dtype, shape, held)
-        return source_time, obj
+        return source_time, pickle.loads(memoryview(record)[_MSG.size + count * _REF.size:])
     except BaseException:
         pool.release_record(record, receiver)
         raise
     finally:
-        decoding.record = None
+        decoding.refs = decoding.held = None
 
 
 _pid = [os.getpid()]

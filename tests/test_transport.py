@@ -284,28 +284,6 @@ def test_shared_array_is_sent_in_place_and_reused_only_when_released():
         shm.unlink_owned("feedbee2")
 
 
-def test_arrays_at_the_top_of_a_dict_and_deeper_both_cross_the_pool():
-    from pipert.transport import Pool, decode, encode
-    pool = Pool("feedbee3", "t", slots=8, receivers=1)
-    held = []
-    a, b, c = (np.full(OOB_MIN, n, np.uint8) for n in (1, 2, 3))
-    try:
-        record = encode({"n": 5, "top": a, "deep": {"b": b}, "list": [c, "x"], "last": 1.5}, 0.0, pool, True,
-                        lambda: False, "r")
-        message = decode(record, pool, 0, held)[1]
-        assert list(message) == ["n", "top", "deep", "list", "last"], "the dict keeps its order"
-        assert message["n"] == 5 and message["last"] == 1.5 and message["list"][1] == "x"
-        assert [message["top"][0], message["deep"]["b"][0], message["list"][0][0]] == [1, 2, 3]
-        assert not message["top"].flags.writeable and len(held) == 3
-        listed = decode(encode([a, {"b": b}], 0.0, pool, True, lambda: False, "r"), pool, 0, held)[1]
-        assert listed[0][-1] == 1 and listed[1]["b"][-1] == 2 and len(held) == 5
-        del message, listed
-        pool.sweep(held, 0)
-        assert not held and all(pool._released_by_all(slot) for slot in range(8))
-    finally:
-        shm.unlink_owned("feedbee3")
-
-
 def test_idle_pipeline_of_four_flows_uses_almost_no_cpu(make_pipe, tmp_path):
     pipe = make_pipe()
     sources = [Counter(limit=0, name=f"s{i}") for i in range(2)]
