@@ -234,8 +234,8 @@ class _BridgeIn(threading.Thread):
         if any(slot is None for slot in slots):
             self._ring.count_drop()
             return
-        for slot in slots:  # a view of the allocated array is stored in place, with no copy
-            refs.append(self._pool.store(slot[:], self._block, self._stop))
+        for slot in slots:  # the allocated array is stored in place, with no copy
+            refs.append(self._pool.store(slot, self._block, self._stop))
         self._ring.put(assemble(body, refs, stamp, meta), self._on_drop, self._stop)
         self._bell.release()
 
